@@ -1,0 +1,1 @@
+"""Official VampNet checkpoints → rtvamp bundles (needs the `convert` extra: torch, onnx, onnxscript)."""

@@ -1,0 +1,40 @@
+"""Shared fixtures: the reference checkpoints converted once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REFERENCE = Path(__file__).parent / "fixtures" / "vampnet-reference"
+CHECKPOINTS = REFERENCE / "checkpoints"
+
+
+def load_npz(relative: str) -> dict[str, np.ndarray]:
+    with np.load(REFERENCE / relative) as data:
+        return dict(data)
+
+
+def upstream_logits_to_bundle_layout(logits: np.ndarray, n_predict: int) -> np.ndarray:
+    """[B, V, T·Cp] (time-major, codebook-minor) → [B, Cp, T, V]."""
+    b, v, tc = logits.shape
+    return logits.reshape(b, v, tc // n_predict, n_predict).transpose(0, 3, 2, 1)
+
+
+@pytest.fixture(scope="session")
+def ref_bundle_dir(tmp_path_factory) -> Path:
+    """The reference checkpoints (official format) converted by `rtvamp.convert` into a bundle."""
+    pytest.importorskip("torch", reason="the converter needs the `convert` extra")
+    from rtvamp.convert.export import Sources, convert
+
+    out = tmp_path_factory.mktemp("ref_bundle")
+    convert(Sources(CHECKPOINTS / "codec.pth", CHECKPOINTS / "coarse.pth", CHECKPOINTS / "c2f.pth"), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ref_bundle(ref_bundle_dir):
+    from rtvamp.bundle import load_bundle
+
+    return load_bundle(ref_bundle_dir)
