@@ -59,7 +59,7 @@ def _check_binary(mask: np.ndarray, name: str = "mask") -> None:
 
 
 def _frame_windows(n_frames: int, centres: np.ndarray, before: int, after: int) -> np.ndarray:
-    """Boolean (n_frames,) marking [c - before, c + after) for every centre c, clipped to the grid."""
+    """Boolean (n_frames,): [c - before, c + after) for every centre c, clipped to the grid."""
     marks = np.zeros(n_frames + 1, dtype=np.int64)
     lo = np.clip(np.asarray(centres, dtype=np.int64) - before, 0, n_frames)
     hi = np.clip(np.asarray(centres, dtype=np.int64) + after, 0, n_frames)
@@ -176,14 +176,16 @@ def beat_mask(
     everything else is generated (1); otherwise the marks themselves are generated.
     """
     batch, n_codebooks, n_frames = _shape(shape)
-    for name, factor in (("beat", beat_downsample_factor), ("downbeat", downbeat_downsample_factor)):
+    factors = {"beat": beat_downsample_factor, "downbeat": downbeat_downsample_factor}
+    for name, factor in factors.items():
         if factor is not None and factor < 1:
             raise ValueError(f"{name}_downsample_factor must be >= 1 or None, got {factor}")
     if not 0.0 <= dropout <= 1.0:
         raise ValueError(f"dropout must be in [0, 1], got {dropout}")
     fps = sample_rate / hop_length
     beats = np.ceil(np.asarray(beat_times_s, dtype=np.float64) * fps).astype(np.int64)
-    downbeats = np.ceil(np.asarray([] if downbeat_times_s is None else downbeat_times_s, dtype=np.float64) * fps).astype(np.int64)
+    downbeat_times = np.asarray(downbeat_times_s if downbeat_times_s is not None else [], float)
+    downbeats = np.ceil(downbeat_times * fps).astype(np.int64)
     beats = beats[~np.isin(beats, downbeats)][:: beat_downsample_factor or 1]
     downbeats = downbeats[:: downbeat_downsample_factor or 1]
     before = s2t(before_beat_s, sample_rate, hop_length)
@@ -304,7 +306,7 @@ def detect_onsets(
     sample_rate: int = SAMPLE_RATE,
     hop_length: int = HOP_LENGTH,
     n_fft: int = 2048,
-    delta: float = 0.05,
+    delta: float = 0.07,
     wait_s: float = 0.03,
     max_window_s: float = 0.03,
     mean_window_s: float = 0.1,
@@ -315,16 +317,17 @@ def detect_onsets(
 ) -> np.ndarray:
     """Onset frames of mono ``audio`` (float samples at ``sample_rate``), on the token grid.
 
-    Spectral flux: STFT magnitude (``n_fft``-sample Hann windows, one per hop), compressed as
-    ``log(1 + log_gain * |X|)``, half-wave rectified frame difference summed over bins. The flux is
-    normalised to a maximum of 1 and a frame is an onset when it is the maximum within
-    ``max_window_s`` on both sides, exceeds the mean within ``mean_window_s`` by ``delta``, and
-    comes more than ``wait_s`` after the previous onset (librosa ``peak_pick`` semantics). Each
-    onset is then backtracked to the start of its rise, the frame after the preceding local minimum
-    of the flux (librosa ``backtrack=True``; dips shallower than ``backtrack_tolerance`` times the
-    peak are ignored), so the returned index is the frame (``hop_length`` samples) in which the
-    onset begins: exact, or one frame late for an onset in the last samples of a frame. Audio
-    whose peak stays below ``silence_db`` dBFS (digital silence, faint noise) has no onsets.
+    Spectral flux: STFT magnitude (``n_fft``-sample Hann windows, one per hop) summed into
+    log-spaced frequency bands (``bands_per_octave`` from 30 Hz, each at least one bin wide),
+    compressed as ``log(1 + log_gain * |X|)``; the half-wave rectified frame difference summed
+    over the bands, normalised to a maximum of 1. Peak picking as librosa's ``peak_pick``: a frame
+    is an onset when it is the maximum within ``max_window_s`` on both sides, exceeds the mean
+    within ``mean_window_s`` by ``delta``, and comes more than ``wait_s`` after the previous one.
+    Each onset is then backtracked to the start of its rise, the frame after the preceding local
+    minimum of the flux (librosa ``backtrack=True``; dips shallower than ``backtrack_tolerance``
+    times the peak are ignored). The returned index is thus the frame (``hop_length`` samples) in
+    which the onset begins: exact, or one frame late for an onset in the last samples of a frame.
+    Audio whose peak stays below ``silence_db`` dBFS (digital silence, faint noise) has no onsets.
 
     Returns sorted unique int64 frame indices in ``[0, ceil(len(audio) / hop_length))``.
     """
@@ -401,9 +404,8 @@ def build_mask(
     mask = linear_random(shape, rand_mask_intensity, rng)
     prefix, suffix = (s2t(s, sample_rate, hop_length) for s in (prefix_s, suffix_s))
     mask = mask_and(mask, inpaint(shape, prefix, suffix))
-    mask = mask_and(
-        mask, periodic_mask(shape, periodic_prompt, periodic_prompt_width, random_roll=True, rng=rng)
-    )
+    periodic = periodic_mask(shape, periodic_prompt, periodic_prompt_width, True, rng)
+    mask = mask_and(mask, periodic)
     if onset_mask_width > 0:
         if audio is None:
             raise ValueError("onset_mask_width > 0 needs the audio to detect onsets in")
@@ -474,8 +476,8 @@ def preset_mask(
     follow_beat = preset.beat_mask_ms > 0
     if follow_beat and beat_times_s is None:
         raise ValueError(
-            "this preset follows the beat: pass beat_times_s (beat times in seconds, e.g. from "
-            "the live engine's tempo grid)"
+            f"this preset follows the beat (beat_mask_ms={preset.beat_mask_ms}): pass "
+            "beat_times_s (beat times in seconds, e.g. from the live engine's tempo grid)"
         )
     return build_mask(
         shape,

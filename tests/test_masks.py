@@ -198,7 +198,8 @@ def synth_hits(times_s, duration_s, sample_rate=SR, noise=0.0, seed=0):
         elif k % 3 == 1:
             y[start : start + length] += 0.5 * env * rng.standard_normal(length)
         else:
-            y[start : start + length] += 0.5 * env * np.sin(2 * np.pi * 440 * np.arange(length) / sample_rate)
+            tone = np.sin(2 * np.pi * 440 * np.arange(length) / sample_rate)
+            y[start : start + length] += 0.5 * env * tone
     return y.astype(np.float32)
 
 
@@ -213,8 +214,16 @@ def test_detect_onsets_finds_hits_within_one_frame(noise):
 
 
 def test_detect_onsets_frame_convention_and_parameters():
-    # a hit at the very start of frame 40 is reported at frame 40 (backtracked from the peak)
+    # a click at the very start of frame 40 is reported at frame 40
     assert m.detect_onsets(synth_hits([40 * HOP / SR], 1.5)).tolist() == [40]
+    # a burst fading in over 40 ms from inside frame 30 peaks in the flux later; backtracking
+    # returns the frame where it starts
+    y = np.zeros(2 * SR)
+    n = np.arange(SR // 2)
+    start, ramp = 30 * HOP + 100, int(0.04 * SR)
+    envelope = np.minimum(n / ramp, 1.0) * np.exp(-n / (0.1 * SR))
+    y[start : start + n.size] = envelope * np.random.default_rng(0).standard_normal(n.size)
+    assert m.detect_onsets(y).tolist() == [30]
     # other sample rates / hops: frames follow the given hop
     times = [0.3, 0.8, 1.2]
     got = m.detect_onsets(synth_hits(times, 1.5, sample_rate=48000), sample_rate=48000,
@@ -223,10 +232,14 @@ def test_detect_onsets_frame_convention_and_parameters():
     assert got.shape == truth.shape and np.abs(got - truth).max() <= 1
 
 
-def test_detect_onsets_silence_has_none():
+def test_detect_onsets_silence_and_steady_noise():
     assert m.detect_onsets(np.zeros(SR, dtype=np.float32)).size == 0
     assert m.detect_onsets(1e-6 * np.random.default_rng(0).standard_normal(SR)).size == 0
     assert m.detect_onsets(np.zeros(0)).size == 0
+    # steady noise: one onset where it starts (frame 0), none from its fluctuations
+    for seed in range(5):
+        noise = 0.1 * np.random.default_rng(seed).standard_normal(10 * SR)
+        assert m.detect_onsets(noise).tolist() == [0]
 
 
 # ---------------------------------------------------------------------------- build_mask
