@@ -106,12 +106,19 @@ def prepare_codes(codes, mask, n_cond, vocab_size, mask_id, out, n_masked):
 
 
 @numba.njit(nogil=True, cache=True)
-def _max_and_norm(x):
-    """(max of x, Σ exp(x − max) summed in vocabulary order in float64)."""
+def _max(x):
+    """Largest logit of x."""
     m = x[0]
     for j in range(1, x.shape[0]):
         if x[j] > m:
             m = x[j]
+    return m
+
+
+@numba.njit(nogil=True, cache=True)
+def _max_and_norm(x):
+    """(max of x, Σ exp(x − max) summed in vocabulary order in float64)."""
+    m = _max(x)
     z = 0.0
     for j in range(x.shape[0]):
         z += math.exp(np.float64(x[j]) - np.float64(m))
@@ -191,17 +198,54 @@ def _nucleus_cut(x, m, z, top_p32, bound, scratch):
 
 
 @numba.njit(nogil=True, cache=True)
+def _norm_and_nucleus_bound(x, m, top_p):
+    """(z = Σ exp(x − m) in vocabulary order, a logit bound for the nucleus search).
+
+    The tokens ≥ bound (a prefix of the sorted order) must hold more than top_p of the mass: the
+    first of m − 1, m − 2, m − 4, …, m − 32 that does (with a 1e-4 margin), else the bound
+    p ≥ (1 − top_p)/(2V), which contains the nucleus since every kept token has
+    p ≥ (1 − top_p)/V. Only the speed of `_top_p_filter` depends on the bound, never its result.
+    """
+    m64 = np.float64(m)
+    z = mass1 = mass2 = mass4 = mass8 = mass16 = mass32 = 0.0
+    for j in range(x.shape[0]):
+        gap = m64 - np.float64(x[j])
+        e = math.exp(-gap)
+        z += e
+        if gap <= 32.0:
+            mass32 += e
+            if gap <= 16.0:
+                mass16 += e
+                if gap <= 8.0:
+                    mass8 += e
+                    if gap <= 4.0:
+                        mass4 += e
+                        if gap <= 2.0:
+                            mass2 += e
+                            if gap <= 1.0:
+                                mass1 += e
+    need = (top_p + 1e-4) * z
+    gap = 1.0
+    for mass in (mass1, mass2, mass4, mass8, mass16, mass32):
+        if mass > need:
+            return z, m64 - gap
+        gap *= 2.0
+    return z, m64 + math.log(0.5 * (1.0 - top_p) / x.shape[0] * z)
+
+
+@numba.njit(nogil=True, cache=True)
 def _top_p_filter(x, top_p, scratch):
     """Nucleus filter of logits x (float32 [V]) in place, HF/upstream semantics (at temperature 1).
 
     Sorted descending, the first token whose float32 cumulative probability exceeds top_p is the
-    last one kept; lower logits become −inf. Only tokens with p ≥ (1 − top_p)/(2V) are sorted (any
-    kept token has p ≥ (1 − top_p)/V); if they never exceed top_p, all tokens are sorted.
+    last one kept; lower logits become −inf. Only the tokens above the bound of
+    `_norm_and_nucleus_bound` are sorted; if their cumulative probability never exceeds top_p,
+    all tokens are.
     """
     v = x.shape[0]
-    m, z = _max_and_norm(x)
+    m = _max(x)
+    z, bound = _norm_and_nucleus_bound(x, m, top_p)
     top_p32 = np.float32(top_p)
-    bound = np.float64(m) + math.log(0.5 * (1.0 - top_p) / v * z)
     cut = _nucleus_cut(x, m, z, top_p32, bound, scratch)
     if math.isnan(cut):
         cut = _nucleus_cut(x, m, z, top_p32, -math.inf, scratch)
@@ -234,7 +278,7 @@ def _choose_token(x, temperature, sample, u, weights):
     last_positive = 0
     for j in range(v):
         s = x[j] / t32 if scaled else x[j]
-        w = math.exp(np.float64(s) - np.float64(m))
+        w = 0.0 if s == -np.inf else math.exp(np.float64(s) - np.float64(m))  # filtered tokens
         weights[j] = w
         z += w
         if w > 0.0:

@@ -1,0 +1,255 @@
+"""The Vamper: an audio window in, vamped variations out (VampNet's `Interface`, faithfully).
+
+audio (any rate, mono/stereo) → 44.1 kHz mono, −24 LUFS, peak ≤ 1 → encode → mask →
+coarse generation in ≤ coarse-chunk windows (seam rule) → coarse-to-fine in c2f chunks
+(conditioning codebooks fixed) → decode all codebooks → back to the input loudness and rate.
+It never imports torch. Sampling buffers are allocated once per Vamper (the transformers for
+their chunk length, the samplers for `max_batch` candidates).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from . import audio as audio_ops
+from . import masks
+from .bundle import Bundle, load_bundle
+from .codec import Codec
+from .sampler import MaskedSampler, SamplingParams
+from .transformer import Transformer
+
+Progress = Callable[[str, float], None]
+"""(stage name, fraction done of that stage in [0, 1])."""
+
+STEP_PRESETS: dict[str, tuple[int, int]] = {
+    "fast": (4, 1),
+    "balanced": (8, 2),
+    "quality": (12, 2),
+    "upstream": (36, 2),
+}
+"""Named (coarse steps, c2f steps). `quality` is upstream's programmatic default (12 + 2);
+`upstream` the web app's 36 + 2."""
+
+
+@dataclass(frozen=True)
+class VampSettings:
+    """What a vamp does. Mask recipe by preset name (see rtvamp.masks.PRESETS) unless `mask` is
+    given explicitly to `Vamper.vamp`; sampling per stage; one seed per candidate."""
+
+    preset: str = masks.DEFAULT_PRESET
+    coarse: SamplingParams = field(default_factory=lambda: SamplingParams(steps=12))
+    c2f: SamplingParams = field(default_factory=lambda: SamplingParams(steps=2))
+    seeds: tuple[int, ...] = (0,)
+
+    @classmethod
+    def make(cls, preset: str = masks.DEFAULT_PRESET, steps: str | int = "quality", c2f_steps: int | None = None,
+             temperature: float = 1.0, top_p: float | None = None, seed: int = 0, variations: int = 1) -> VampSettings:
+        """Settings from performer-level knobs (step preset name or coarse step count)."""
+        if isinstance(steps, str):
+            if steps not in STEP_PRESETS:
+                raise ValueError(f"unknown step preset {steps!r}; choose from {', '.join(STEP_PRESETS)}")
+            coarse_steps, default_c2f = STEP_PRESETS[steps]
+        else:
+            coarse_steps, default_c2f = steps, 2
+        if preset not in masks.PRESETS:
+            raise ValueError(f"unknown mask preset {preset!r}; choose from {', '.join(masks.PRESETS)}")
+        if variations < 1:
+            raise ValueError("variations must be ≥ 1")
+        return cls(preset=preset,
+                   coarse=SamplingParams(steps=coarse_steps, temperature=temperature, top_p=top_p),
+                   c2f=SamplingParams(steps=c2f_steps or default_c2f, temperature=temperature, top_p=top_p),
+                   seeds=tuple(seed + i for i in range(variations)))
+
+
+@dataclass
+class VampResult:
+    audio: np.ndarray
+    """float32 [candidates, n_samples, n_channels] at the input rate and loudness"""
+    sample_rate: int
+    codes: np.ndarray
+    """int64 [candidates, n_codebooks, n_frames] generated tokens"""
+    mask: np.ndarray
+    """int64 [1, n_codebooks, n_frames] the mask used (1 = generated)"""
+    seconds: dict[str, float]
+    """wall time per stage: preprocess, encode, coarse, c2f, decode, postprocess"""
+
+
+def _chunk_seeds(seeds: Sequence[int], stage: int, chunk: int) -> list[int]:
+    """Independent, reproducible seeds for one chunk of one stage of every candidate."""
+    return [int(np.random.SeedSequence([s, stage, chunk]).generate_state(1)[0]) for s in seeds]
+
+
+class Vamper:
+    """VampNet inference on a bundle. `max_batch` = the most candidates per call."""
+
+    def __init__(self, bundle: Bundle | str | None = None, max_batch: int = 2, threads: int = 0) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        m = self.manifest = self.bundle.manifest
+        self.max_batch = max_batch
+        self.codec = Codec(self.bundle, threads)
+        self.coarse = Transformer(self.bundle, "coarse", max_batch, m.coarse_chunk_frames, threads)
+        self.c2f = Transformer(self.bundle, "c2f", max_batch, m.c2f_chunk_frames, threads)
+        self._coarse_sampler = MaskedSampler(m.coarse_codebooks, 0, m.vocab_size, m.mask_id,
+                                             max_batch, m.coarse_chunk_frames)
+        self._c2f_sampler = MaskedSampler(m.c2f_codebooks, m.c2f_conditioning_codebooks, m.vocab_size,
+                                          m.mask_id, max_batch, m.c2f_chunk_frames)
+        self.step_seconds: dict[str, float] = {}
+        """measured seconds of one step per stage and chunk length (`coarse/575`, `c2f/173`),
+        exponentially averaged; the deadline mode plans with it"""
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def preprocess(self, audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, float]:
+        """[n, ch] at `sample_rate` → (mono float32 [n'] at the bundle rate, −24 LUFS, peak ≤ 1;
+        the input loudness in LUFS)."""
+        mono = audio_ops.resample(audio_ops.to_mono(audio_ops.as_frames_by_channels(audio)),
+                                  sample_rate, self.manifest.sample_rate)
+        level = audio_ops.loudness_lufs(mono, self.manifest.sample_rate)
+        if not np.isfinite(level) or np.abs(mono).max() < 1e-6:
+            raise audio_ops.AudioInputError("the audio is silent: there is nothing to vamp")
+        return audio_ops.normalise(mono, self.manifest.sample_rate, audio_ops.TARGET_LUFS), level
+
+    def encode(self, mono: np.ndarray) -> np.ndarray:
+        """mono float32 [n] at the bundle rate → codes int64 [1, n_codebooks, ⌈n/hop⌉]."""
+        return self.codec.encode(mono[None, None, :])
+
+    def _measure(self, key: str, seconds: float) -> None:
+        old = self.step_seconds.get(key)
+        self.step_seconds[key] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+    def _run_sampler(self, sampler: MaskedSampler, model: Transformer, key: str, codes: np.ndarray,
+                     mask: np.ndarray, params: SamplingParams, seeds: Sequence[int],
+                     noise: Sequence[np.ndarray] | None, finish_by: float | None,
+                     on_step: Callable[[int, int], None] | None) -> np.ndarray:
+        start, steps = time.perf_counter(), [0]
+
+        def count(i: int, total: int) -> None:
+            steps[0] += 1
+            if on_step is not None:
+                on_step(i, total)
+
+        out = sampler.generate(model.logits, codes, mask, params, noise=noise, seeds=seeds,
+                               finish_by=finish_by, step_seconds=self.step_seconds.get(key),
+                               on_step=count)
+        self._measure(key, (time.perf_counter() - start) / max(steps[0], 1))
+        return out
+
+    def coarse_vamp(self, codes: np.ndarray, mask: np.ndarray, params: SamplingParams,
+                    seeds: Sequence[int], noise: Sequence[np.ndarray] | None = None,
+                    finish_by: float | None = None, progress: Progress | None = None) -> np.ndarray:
+        """Upstream `Interface.coarse_vamp`: codes/mask [B, n_cb, T] → codes [B, n_cb, T] with the
+        coarse codebooks generated in chunks of `coarse_chunk_frames` and the fine ones passed
+        through. Seam rule: in a chunk with any kept token, the chunk's first and last frames
+        are kept. `noise`: recorded Gumbel noise, `params.steps` arrays per chunk in order."""
+        m = self.manifest
+        n_cb, n_frames, chunk = m.coarse_codebooks, codes.shape[-1], m.coarse_chunk_frames
+        out = codes.copy()
+        starts = range(0, n_frames, chunk)
+        for k, start in enumerate(starts):
+            stop = min(start + chunk, n_frames)
+            cmask = mask[:, :n_cb, start:stop].copy()
+            if (cmask == 0).any():
+                cmask[:, :, 0] = 0
+                cmask[:, :, -1] = 0
+            chunk_noise = None if noise is None else noise[k * params.steps:(k + 1) * params.steps]
+            on_step = None if progress is None else (
+                lambda i, s, k=k: progress("coarse", (k + (i + 1) / s) / len(starts)))
+            out[:, :n_cb, start:stop] = self._run_sampler(
+                self._coarse_sampler, self.coarse, f"coarse/{stop - start}", codes[:, :n_cb, start:stop],
+                cmask, params, _chunk_seeds(seeds, 0, k), chunk_noise, finish_by, on_step)
+        return out
+
+    def coarse_to_fine(self, codes: np.ndarray, mask: np.ndarray, params: SamplingParams,
+                       seeds: Sequence[int], noise: Sequence[np.ndarray] | None = None,
+                       finish_by: float | None = None, progress: Progress | None = None) -> np.ndarray:
+        """Upstream `Interface.coarse_to_fine`: codes/mask [B, n_cb, T] → all codebooks. Time is
+        right-padded to a multiple of `c2f_chunk_frames` (token 0, mask 1); the conditioning
+        codebooks are always kept; fine tokens are regenerated only where mask = 1."""
+        m = self.manifest
+        chunk, n_frames = m.c2f_chunk_frames, codes.shape[-1]
+        pad = (-n_frames) % chunk
+        padded = np.pad(codes, ((0, 0), (0, 0), (0, pad)))
+        pmask = np.pad(mask, ((0, 0), (0, 0), (0, pad)), constant_values=1)
+        pmask[:, :m.c2f_conditioning_codebooks] = 0
+        n_chunks = padded.shape[-1] // chunk
+        for k in range(n_chunks):
+            sl = slice(k * chunk, (k + 1) * chunk)
+            chunk_noise = None if noise is None else noise[k * params.steps:(k + 1) * params.steps]
+            on_step = None if progress is None else (
+                lambda i, s, k=k: progress("c2f", (k + (i + 1) / s) / n_chunks))
+            padded[:, :, sl] = self._run_sampler(
+                self._c2f_sampler, self.c2f, f"c2f/{chunk}", padded[:, :, sl], pmask[:, :, sl],
+                params, _chunk_seeds(seeds, 1, k), chunk_noise, finish_by, on_step)
+        return padded[:, :, :n_frames]
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """codes [B, K, T] → audio float32 [B, 1, T·hop] at the bundle rate."""
+        return self.codec.decode(codes)
+
+    # -- the whole vamp -----------------------------------------------------------------------
+
+    def build_mask(self, mono: np.ndarray, n_frames: int, settings: VampSettings,
+                   beat_times_s: Sequence[float] | None = None) -> np.ndarray:
+        """The preset's mask [1, n_codebooks, n_frames] for this audio (seeded by the first seed)."""
+        return masks.preset_mask(settings.preset, (1, self.manifest.n_codebooks, n_frames), audio=mono,
+                                 beat_times_s=beat_times_s, rng=settings.seeds[0],
+                                 sample_rate=self.manifest.sample_rate, hop_length=self.manifest.hop_length)
+
+    def vamp(self, audio: np.ndarray, sample_rate: int, settings: VampSettings | None = None,
+             mask: np.ndarray | None = None, beat_times_s: Sequence[float] | None = None,
+             finish_by: float | None = None, progress: Progress | None = None) -> VampResult:
+        """Vamp a window: audio [n] or [n, ch] at `sample_rate` → one variation per seed.
+
+        `mask` [1, n_codebooks, ⌈n'/hop⌉] (1 = generate) overrides the preset. `finish_by`
+        (time.perf_counter() deadline): the coarse stage commits early so that C2F and decode
+        (planned from measured costs) still end in time."""
+        settings = settings or VampSettings()
+        n_cand = len(settings.seeds)
+        if not 1 <= n_cand <= self.max_batch:
+            raise ValueError(f"{n_cand} candidates requested; this Vamper was built for 1–{self.max_batch}")
+        frames = audio_ops.as_frames_by_channels(audio)
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        mono, level = self.preprocess(frames, sample_rate)
+        t1 = time.perf_counter()
+        codes = self.encode(mono)
+        t2 = time.perf_counter()
+        n_frames = codes.shape[-1]
+        if mask is None:
+            mask = self.build_mask(mono, n_frames, settings, beat_times_s)
+        elif mask.shape != (1, self.manifest.n_codebooks, n_frames):
+            raise ValueError(f"mask must be [1, {self.manifest.n_codebooks}, {n_frames}], got {mask.shape}")
+        batch_codes = np.repeat(codes, n_cand, axis=0)
+        batch_mask = np.repeat(mask.astype(np.int64), n_cand, axis=0)
+        coarse_deadline = None if finish_by is None else finish_by - self._rest_after_coarse(n_frames, settings)
+        coarse = self.coarse_vamp(batch_codes, batch_mask, settings.coarse, settings.seeds,
+                                  finish_by=coarse_deadline, progress=progress)
+        t3 = time.perf_counter()
+        fine = self.coarse_to_fine(coarse, batch_mask, settings.c2f, settings.seeds, progress=progress)
+        t4 = time.perf_counter()
+        decoded = self.decode(fine)[:, 0, :mono.shape[0]]
+        t5 = time.perf_counter()
+        self._measure("decode/frame", (t5 - t4) / n_frames)
+        out = np.stack([self._postprocess(x, level, sample_rate, frames.shape) for x in decoded])
+        t6 = time.perf_counter()
+        seconds.update(preprocess=t1 - t0, encode=t2 - t1, coarse=t3 - t2, c2f=t4 - t3, decode=t5 - t4,
+                       postprocess=t6 - t5)
+        return VampResult(out, sample_rate, fine, mask, seconds)
+
+    def _rest_after_coarse(self, n_frames: int, settings: VampSettings) -> float:
+        """Planned seconds for C2F + decode of a window of n_frames (0 until measured)."""
+        chunk = self.manifest.c2f_chunk_frames
+        c2f = self.step_seconds.get(f"c2f/{chunk}", 0.0) * settings.c2f.steps * -(-n_frames // chunk)
+        return c2f + self.step_seconds.get("decode/frame", 0.0) * n_frames
+
+    def _postprocess(self, mono: np.ndarray, level: float, sample_rate: int, shape: tuple[int, int]) -> np.ndarray:
+        """Bundle-rate mono → input loudness, input rate and length, input channel count."""
+        out = audio_ops.normalise(mono, self.manifest.sample_rate, level)
+        out = audio_ops.resample(out, self.manifest.sample_rate, sample_rate)
+        n = shape[0]
+        out = np.pad(out, (0, max(0, n - out.shape[0])))[:n]
+        return np.repeat(out[:, None], shape[1], axis=1)
