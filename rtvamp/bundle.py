@@ -133,6 +133,27 @@ def load_bundle(root: str | Path | None = None, verify_hashes: bool = True) -> B
     return Bundle(root, manifest)
 
 
+def bundles_dir() -> Path:
+    """Where `rtvamp models convert/download` put named bundles (a per-user data folder)."""
+    import platformdirs
+
+    return platformdirs.user_data_path("rtvamp") / "bundles"
+
+
+def resolve_bundle(name_or_path: str | None) -> Path:
+    """A bundle folder from a path, the name of an installed bundle, or None (the tiny default)."""
+    if name_or_path is None:
+        return default_bundle_path()
+    path = Path(name_or_path)
+    if path.is_dir() or "/" in name_or_path or name_or_path.startswith("."):
+        return path
+    installed = bundles_dir() / name_or_path
+    if installed.is_dir():
+        return installed
+    raise BundleError(f"no bundle {name_or_path!r}: not a folder, and not installed in {bundles_dir()} "
+                      "(see `rtvamp models list`)")
+
+
 def default_bundle_path() -> Path:
     """The embedded tiny bundle: installed as package data, or `models/tiny` in a source tree."""
     try:

@@ -24,12 +24,14 @@ def upstream_logits_to_bundle_layout(logits: np.ndarray, n_predict: int) -> np.n
 
 @pytest.fixture(scope="session")
 def ref_bundle_dir(tmp_path_factory) -> Path:
-    """The reference checkpoints (official format) converted by `rtvamp.convert` into a bundle."""
+    """The reference checkpoints (official format) converted by `rtvamp models convert`."""
     pytest.importorskip("torch", reason="the converter needs the `convert` extra")
-    from rtvamp.convert.export import Sources, convert
+    from rtvamp.cli import main
 
     out = tmp_path_factory.mktemp("ref_bundle")
-    convert(Sources(CHECKPOINTS / "codec.pth", CHECKPOINTS / "coarse.pth", CHECKPOINTS / "c2f.pth"), out)
+    rc = main(["models", "convert", "--codec", str(CHECKPOINTS / "codec.pth"), "--coarse",
+               str(CHECKPOINTS / "coarse.pth"), "--c2f", str(CHECKPOINTS / "c2f.pth"), "--out", str(out)])
+    assert rc == 0
     return out
 
 

@@ -24,7 +24,7 @@ from ..bundle import MANIFEST, Manifest, sha256_of
 from .checkpoint import load_codec, load_transformer
 from .lac import LAC
 from .layers import fold_weight_norm
-from .vampnet import VampNetTransformer
+from .vampnet import TransformerConfig, VampNetTransformer
 
 OPSET = 18
 COARSE_CHUNK_SECONDS = 10.0
@@ -95,17 +95,12 @@ def export_transformer(model: VampNetTransformer, path: Path) -> None:
     _export(model.eval(), codes, "codes", "logits", {0: batch, 2: frames}, path)
 
 
-def quantize_int8(path: Path) -> None:
-    """Dynamic int8 quantisation of the MatMuls in place (the codec stays fp32)."""
+def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
+    """Dynamic int8 quantisation of a transformer's MatMuls (the codec stays fp32)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = path.with_suffix(".fp32.onnx")
-    path.rename(tmp)
-    try:
-        quantize_dynamic(str(tmp), str(path), op_types_to_quantize=["MatMul"],
-                         weight_type=QuantType.QInt8)
-    finally:
-        tmp.unlink()
+    quantize_dynamic(str(fp32_path), str(int8_path), op_types_to_quantize=["MatMul"],
+                     weight_type=QuantType.QInt8)
 
 
 @dataclass(frozen=True)
@@ -119,9 +114,43 @@ class Sources:
     lora_c2f: Path | None = None
 
 
+@dataclass(frozen=True)
+class ConversionReport:
+    manifest: Manifest
+    max_abs_error: dict[str, float]
+    """torch module vs exported graph on random inputs, per graph (fp32 graphs)"""
+    int8_top1_agreement: dict[str, float]
+    """top-1 agreement of the int8 transformers with their fp32 export (int8 only)"""
+
+
+def _parity(codec: LAC, coarse: VampNetTransformer, c2f: VampNetTransformer, out_dir: Path,
+            seed: int = 0) -> dict[str, float]:
+    """Max abs difference between the torch modules and the exported graphs on random inputs."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    hop = codec.config.hop_length
+    audio = (0.3 * rng.standard_normal((1, 1, hop * 40))).astype(np.float32)
+    codes = rng.integers(0, codec.config.codebook_size, size=(1, codec.config.n_codebooks, 40))
+    checks = {"codec_encoder": (EncoderGraph(codec), audio), "codec_decoder": (DecoderGraph(codec), codes)}
+    for name, model in (("coarse", coarse), ("c2f", c2f)):
+        x = codes[:, :model.cfg.n_codebooks].copy()
+        predicted = x[:, model.cfg.n_conditioning_codebooks:]
+        predicted[rng.random(predicted.shape) < 0.5] = model.cfg.mask_id
+        checks[name] = (model, x)
+    errors = {}
+    for name, (module, x) in checks.items():
+        session = ort.InferenceSession(str(out_dir / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x})[0]
+        with torch.no_grad():
+            want = module(torch.from_numpy(x)).numpy()
+        errors[name] = float(np.abs(got.astype(np.float64) - want).max())
+    return errors
+
+
 def convert(sources: Sources, out_dir: str | Path, precision: str = "fp32", name: str = "",
-            progress: Callable[[str], None] = lambda _msg: None) -> Manifest:
-    """Official checkpoints → a bundle folder with manifest.json. Returns the manifest."""
+            progress: Callable[[str], None] = lambda _msg: None) -> ConversionReport:
+    """Official checkpoints → a bundle folder with manifest.json, checked against the torch modules."""
     if precision not in ("fp32", "int8"):
         raise ValueError(f"precision must be fp32 or int8, not {precision!r}")
     out_dir = Path(out_dir)
@@ -139,10 +168,19 @@ def convert(sources: Sources, out_dir: str | Path, precision: str = "fp32", name
     export_transformer(c2f, out_dir / "c2f.onnx")
     progress("exporting codec")
     export_codec(codec, out_dir)
+    progress("checking the exported graphs against the torch modules")
+    errors = _parity(codec, coarse, c2f, out_dir)
+    agreement = {}
     if precision == "int8":
         progress("quantising transformers to int8")
-        for model in ("coarse", "c2f"):
-            quantize_int8(out_dir / f"{model}.onnx")
+        for model, net in (("coarse", coarse), ("c2f", c2f)):
+            fp32_copy = out_dir / f"{model}.fp32-reference.onnx"
+            (out_dir / f"{model}.onnx").rename(fp32_copy)
+            try:
+                quantize_int8(fp32_copy, out_dir / f"{model}.onnx")
+                agreement[model] = agreement_int8(fp32_copy, out_dir / f"{model}.onnx", net.cfg)
+            finally:
+                fp32_copy.unlink()
     files = {}
     for model in ("codec_encoder", "codec_decoder", "coarse", "c2f"):
         path = out_dir / f"{model}.onnx"
@@ -164,20 +202,21 @@ def convert(sources: Sources, out_dir: str | Path, precision: str = "fp32", name
         name=name or out_dir.name)
     manifest.check(str(out_dir))
     (out_dir / MANIFEST).write_text(manifest.to_json())
-    return manifest
+    return ConversionReport(manifest, errors, agreement)
 
 
-def agreement_int8(fp32_path: Path, int8_path: Path, n_codebooks: int, vocab_size: int,
-                   frames: int = 64, trials: int = 4, seed: int = 0) -> float:
-    """Top-1 agreement of int8 vs fp32 logits on random codes (with ~half MASK ids)."""
+def agreement_int8(fp32_path: Path, int8_path: Path, cfg: TransformerConfig, frames: int = 64, trials: int = 4,
+                   seed: int = 0) -> float:
+    """Top-1 agreement of int8 vs fp32 logits on random codes (~half MASK ids where predicted)."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(seed)
     a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32_path, int8_path))
     agree = []
     for _ in range(trials):
-        codes = rng.integers(0, vocab_size, size=(1, n_codebooks, frames))
-        codes[rng.random(codes.shape) < 0.5] = vocab_size
+        codes = rng.integers(0, cfg.vocab_size, size=(1, cfg.n_codebooks, frames))
+        predicted = codes[:, cfg.n_conditioning_codebooks:]
+        predicted[rng.random(predicted.shape) < 0.5] = cfg.mask_id
         la, lb = (s.run(None, {"codes": codes})[0] for s in (a, b))
         agree.append(np.mean(la.argmax(-1) == lb.argmax(-1)))
     return float(np.mean(agree))

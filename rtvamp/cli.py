@@ -1,0 +1,301 @@
+"""`rtvamp` command line: demo, vamp, models (convert, verify, list, download)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+class UserError(Exception):
+    """An error whose message is the whole story for the user (no traceback)."""
+
+
+# -- shared --------------------------------------------------------------------------------------
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                    TimeElapsedColumn(), console=console, transient=True)
+
+
+def _vamp_with_progress(vamper, audio, rate, settings):
+    with _progress_bar() as bar:
+        tasks = {name: bar.add_task(name, total=1.0) for name in ("coarse", "c2f")}
+        return vamper.vamp(audio, rate, settings, progress=lambda stage, done: bar.update(tasks[stage], completed=done))
+
+
+def _timings_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> Table:
+    stages = ("encode", "coarse", "c2f", "decode", "total")
+    table = Table(title=title)
+    table.add_column("vamp")
+    for s in stages:
+        table.add_column(f"{s} s", justify="right")
+    for name, sec in rows:
+        table.add_row(name, *(f"{sec.get(s, sum(sec.values())):.3f}" for s in stages))
+    return table
+
+
+# -- demo / vamp ---------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .files import write_audio
+    from .synth import groove
+    from .vamp import Vamper, VampSettings
+
+    rate = 44100
+    loop = groove(bars=args.bars, bpm=args.bpm, sample_rate=rate)
+    vamper = Vamper(args.bundle and _bundle(args.bundle), max_batch=args.variations)
+    settings = VampSettings.make(preset=args.preset, steps=args.steps, seed=args.seed, variations=args.variations)
+    console.print(f"[bold]rtvamp demo[/]: a {args.bars}-bar groove at {args.bpm:g} BPM, "
+                  f"{args.variations} variation(s), preset {args.preset}, bundle {vamper.bundle.root}")
+    if vamper.manifest.name == "tiny":
+        console.print("[yellow]note[/]: the embedded tiny model has random weights — its output is not music. "
+                      "See README 'Real weights' to convert the official VampNet weights.")
+    result = _vamp_with_progress(vamper, loop, rate, settings)
+    # the performance: the original loop, then each variation, back to back
+    performance = np.concatenate([loop[:, None]] + [result.audio[k] for k in range(result.audio.shape[0])])
+    out = write_audio(args.output, performance, rate)
+    console.print(_timings_table("per-vamp timings", [("demo", result.seconds)]))
+    print(out)
+
+
+def _bundle(name_or_path: str):
+    from .bundle import resolve_bundle
+
+    return resolve_bundle(name_or_path)
+
+
+def cmd_vamp(args: argparse.Namespace) -> None:
+    from .audio import AudioInputError
+    from .files import read_audio, write_audio
+    from .vamp import Vamper, VampSettings
+
+    steps = args.steps if args.steps is not None else args.quality
+    settings = VampSettings.make(preset=args.preset, steps=steps, c2f_steps=args.c2f_steps,
+                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                 variations=args.variations)
+    audio, rate = read_audio(args.input, args.max_seconds)
+    vamper = Vamper(_bundle(args.bundle) if args.bundle else None, max_batch=args.variations)
+    try:
+        result = _vamp_with_progress(vamper, audio, rate, settings)
+    except AudioInputError as exc:
+        raise UserError(f"{args.input}: {exc}") from None
+    out = Path(args.output)
+    for k in range(result.audio.shape[0]):
+        path = out if result.audio.shape[0] == 1 else out.with_name(f"{out.stem}_{k + 1}{out.suffix}")
+        print(write_audio(path, result.audio[k], rate))
+    console.print(_timings_table(str(args.input), [(f"{len(settings.seeds)} variation(s)", result.seconds)]))
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+def cmd_models_convert(args: argparse.Namespace) -> None:
+    try:
+        from .convert.export import Sources, convert
+    except ImportError as exc:
+        raise UserError(f"converting needs the `convert` extra ({exc.name} is missing): "
+                        "pip install 'rtvamp[convert]'") from None
+    sources = Sources(Path(args.codec), Path(args.coarse), Path(args.c2f),
+                      Path(args.lora_coarse) if args.lora_coarse else None,
+                      Path(args.lora_c2f) if args.lora_c2f else None)
+    report = _convert_with_progress(convert, sources, args.out, args.precision)
+    _print_report(report, args.out)
+
+
+def _convert_with_progress(convert, sources, out, precision):
+    from .convert.checkpoint import CheckpointError
+
+    with _progress_bar() as bar:
+        task = bar.add_task("convert", total=6)
+
+        def step(msg: str) -> None:
+            bar.update(task, advance=1, description=msg[:40])
+        try:
+            return convert(sources, out, precision=precision, progress=step)
+        except CheckpointError as exc:
+            raise UserError(str(exc)) from None
+
+
+def _print_report(report, out) -> None:
+    table = Table(title=f"bundle {out}")
+    table.add_column("graph")
+    table.add_column("precision")
+    table.add_column("max |torch − onnx|", justify="right")
+    table.add_column("int8 top-1 agreement", justify="right")
+    for name, entry in report.manifest.files.items():
+        err = report.max_abs_error.get(name)
+        agree = report.int8_top1_agreement.get(name)
+        table.add_row(name, entry["precision"], f"{err:.2e}" if err is not None else "–",
+                      f"{agree:.2%}" if agree is not None else "–")
+    console.print(table)
+    worst = max(report.max_abs_error.values())
+    if worst > 1e-3:
+        raise UserError(f"the exported graphs differ from the torch modules by {worst:.2e}: do not use this bundle")
+
+
+def cmd_models_verify(args: argparse.Namespace) -> None:
+    from .bundle import load_bundle
+    from .codec import Codec
+    from .transformer import Transformer
+
+    bundle = load_bundle(_bundle(args.bundle))
+    m = bundle.manifest
+    codec = Codec(bundle)
+    audio = (0.1 * np.random.default_rng(0).standard_normal((1, 1, m.hop_length * 8))).astype(np.float32)
+    codes = codec.encode(audio)
+    checks = [("hashes and contract", True), ("encoder frames", codes.shape == (1, m.n_codebooks, 8)),
+              ("decoder samples", codec.decode(codes).shape == (1, 1, 8 * m.hop_length))]
+    for name in ("coarse", "c2f"):
+        model = Transformer(bundle, name, 1, 8)
+        logits = model.logits(codes[:, :model.n_codebooks])
+        checks.append((f"{name} logits finite [1, {model.n_predict}, 8, {m.vocab_size}]",
+                       logits.shape == (1, model.n_predict, 8, m.vocab_size) and bool(np.isfinite(logits).all())))
+    for what, ok in checks:
+        console.print(f"{'[green]ok[/]' if ok else '[red]FAILED[/]'}  {what}")
+    if not all(ok for _, ok in checks):
+        raise UserError(f"{bundle.root}: verification failed")
+    print(bundle.root)
+
+
+def cmd_models_list(_args: argparse.Namespace) -> None:
+    from .bundle import BundleError, bundles_dir, default_bundle_path, load_bundle
+
+    table = Table(title="bundles")
+    for col in ("name", "path", "precision", "status"):
+        table.add_column(col)
+    candidates = [default_bundle_path()] + (sorted(p for p in bundles_dir().iterdir() if p.is_dir())
+                                            if bundles_dir().is_dir() else [])
+    for path in candidates:
+        try:
+            b = load_bundle(path)
+            table.add_row(b.manifest.name, str(path), b.manifest.files["coarse"]["precision"], "ok")
+        except BundleError as exc:
+            table.add_row(path.name, str(path), "?", f"[red]{exc}[/]")
+    console.print(table)
+
+
+HF_REPO = "hugggof/vampnet"
+
+
+def cmd_models_download(args: argparse.Namespace) -> None:
+    try:
+        from huggingface_hub import hf_hub_download
+        from .convert.export import Sources, convert
+    except ImportError as exc:
+        raise UserError(f"downloading and converting needs the `convert` extra ({exc.name} is missing): "
+                        "pip install 'rtvamp[convert]'") from None
+    from .bundle import bundles_dir
+
+    names = ["codec.pth", "coarse.pth", "c2f.pth"]
+    if args.lora:
+        names += [f"loras/{args.lora}/coarse.pth", f"loras/{args.lora}/c2f.pth"]
+    files = {}
+    for name in names:
+        try:
+            files[name] = Path(hf_hub_download(HF_REPO, name))
+        except Exception as exc:  # offline, missing file, hub errors
+            raise UserError(f"could not download {name} from the Hugging Face repo {HF_REPO}: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                            "(offline? convert local files with `rtvamp models convert`)") from None
+    coarse = files[f"loras/{args.lora}/coarse.pth"] if args.lora else files["coarse.pth"]
+    c2f = files[f"loras/{args.lora}/c2f.pth"] if args.lora else files["c2f.pth"]
+    default_name = "vampnet" + (f"-{args.lora}" if args.lora else "") + ("-int8" if args.precision == "int8" else "")
+    out = Path(args.out) if args.out else bundles_dir() / default_name
+    report = _convert_with_progress(convert, Sources(files["codec.pth"], coarse, c2f), out, args.precision)
+    _print_report(report, out)
+    print(out)
+
+
+# -- entry ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .masks import DEFAULT_PRESET, PRESETS
+    from .vamp import STEP_PRESETS
+
+    parser = argparse.ArgumentParser(prog="rtvamp", description="A real-time engine for VampNet.")
+    parser.add_argument("--version", action="version", version=f"rtvamp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="vamp a synthesized groove with the embedded model and write a WAV")
+    demo.add_argument("-o", "--output", default="rtvamp-demo.wav")
+    demo.add_argument("--bars", type=int, default=2)
+    demo.add_argument("--bpm", type=float, default=120.0)
+    demo.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    demo.add_argument("--steps", default="balanced", choices=sorted(STEP_PRESETS))
+    demo.add_argument("--variations", type=int, default=2)
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--bundle", help="bundle folder or installed name (default: embedded tiny)")
+    demo.set_defaults(func=cmd_demo)
+
+    vamp = sub.add_parser("vamp", help="vamp an audio file (WAV/FLAC/…)")
+    vamp.add_argument("input")
+    vamp.add_argument("-o", "--output", required=True, help="output .wav or .flac (…_K for several variations)")
+    vamp.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="mask preset")
+    vamp.add_argument("--quality", default="quality", choices=sorted(STEP_PRESETS), help="step preset")
+    vamp.add_argument("--steps", type=int, help="coarse steps (overrides --quality)")
+    vamp.add_argument("--c2f-steps", type=int)
+    vamp.add_argument("--temperature", type=float, default=1.0)
+    vamp.add_argument("--top-p", type=float)
+    vamp.add_argument("--seed", type=int, default=0)
+    vamp.add_argument("--variations", type=int, default=1)
+    vamp.add_argument("--max-seconds", type=float, default=120.0, help="refuse longer input")
+    vamp.add_argument("--bundle", help="bundle folder or installed name (default: embedded tiny)")
+    vamp.set_defaults(func=cmd_vamp)
+
+    models = sub.add_parser("models", help="convert, verify, list and download model bundles")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    conv = msub.add_parser("convert", help="official checkpoints → bundle (needs the convert extra)")
+    conv.add_argument("--codec", required=True)
+    conv.add_argument("--coarse", required=True)
+    conv.add_argument("--c2f", required=True)
+    conv.add_argument("--lora-coarse", help="LoRA-only state dict applied over --coarse")
+    conv.add_argument("--lora-c2f", help="LoRA-only state dict applied over --c2f")
+    conv.add_argument("--out", required=True)
+    conv.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    conv.set_defaults(func=cmd_models_convert)
+    ver = msub.add_parser("verify", help="check a bundle's hashes, contract and a smoke forward")
+    ver.add_argument("bundle", nargs="?", help="bundle folder or installed name (default: embedded tiny)")
+    ver.set_defaults(func=cmd_models_verify)
+    lst = msub.add_parser("list", help="installed bundles")
+    lst.set_defaults(func=cmd_models_list)
+    dl = msub.add_parser("download", help=f"fetch the official weights ({HF_REPO}) and convert them")
+    dl.add_argument("--lora", help="a fine-tune under loras/<name>/ (e.g. percussion, choir)")
+    dl.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    dl.add_argument("--out", help="bundle folder (default: the per-user bundle folder)")
+    dl.set_defaults(func=cmd_models_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .audio import AudioInputError
+    from .bundle import BundleError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (UserError, BundleError, AudioInputError, ValueError, OSError) as exc:
+        console.print(f"[bold red]error[/]: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
