@@ -1,0 +1,1 @@
+"""The live engine: rolling buffers, transport, looper, scheduler, worker processes."""
