@@ -122,8 +122,8 @@ class AudioCore:
     def __init__(self, config: CoreConfig = CoreConfig()) -> None:
         self.config = c = config
         sr, ch = c.sample_rate, c.channels
-        self.input_ring = AudioRing(int(c.ring_seconds * sr), ch)
-        self.output_ring = AudioRing(int(c.ring_seconds * sr), ch)
+        self.input_ring = AudioRing(int(c.ring_seconds * sr), ch, c.max_block_frames)
+        self.output_ring = AudioRing(int(c.ring_seconds * sr), ch, c.max_block_frames)
         self._rec = [np.zeros((int(c.max_loop_seconds * sr), ch), np.float32) for _ in range(2)]
         self._rec_index = 0
         self._wet = np.zeros((c.max_block_frames, ch), np.float32)

@@ -3,7 +3,9 @@
 The audio thread `write`s every block (two `np.copyto` calls at most, no allocation). Other
 threads `read` any span that is still held: the reader copies, then checks that the writer has
 not overwritten the span meanwhile (a seqlock without a lock), so a slow reader gets an error
-instead of torn audio.
+instead of torn audio. The writer advances `written` only after its copy, so a write in
+progress is invisible to that check: the oldest `guard_frames` (≥ the largest block) count as
+no longer held.
 """
 
 from __future__ import annotations
@@ -16,17 +18,18 @@ class RingOverrun(RuntimeError):
 
 
 class AudioRing:
-    def __init__(self, capacity_frames: int, channels: int) -> None:
-        if capacity_frames <= 0 or channels <= 0:
-            raise ValueError("capacity_frames and channels must be positive")
+    def __init__(self, capacity_frames: int, channels: int, guard_frames: int = 4096) -> None:
+        if capacity_frames <= 2 * guard_frames or channels <= 0:
+            raise ValueError("capacity_frames must exceed twice guard_frames, channels must be positive")
         self.capacity = capacity_frames
+        self.guard = guard_frames
         self.channels = channels
         self.buffer = np.zeros((capacity_frames, channels), dtype=np.float32)
         self.written = 0
         """absolute index of the next frame to be written (= frames written so far)"""
 
     def write(self, block: np.ndarray) -> None:
-        """Append a block [n ≤ capacity, channels] (audio thread; allocation-free)."""
+        """Append a block [n ≤ guard_frames, channels] (audio thread; allocation-free)."""
         n = block.shape[0]
         start = self.written % self.capacity
         first = min(n, self.capacity - start)
@@ -36,8 +39,8 @@ class AudioRing:
         self.written += n
 
     def oldest(self) -> int:
-        """Absolute index of the oldest frame still held."""
-        return max(0, self.written - self.capacity)
+        """Absolute index of the oldest frame still safely held."""
+        return max(0, self.written - self.capacity + self.guard)
 
     def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Frames [start, stop) (absolute indices) as float32 [stop − start, channels]."""
@@ -52,6 +55,6 @@ class AudioRing:
         np.copyto(out[:first], self.buffer[s:s + first])
         if first < n:
             np.copyto(out[first:n], self.buffer[:n - first])
-        if start < self.written - self.capacity:  # overwritten while we copied
+        if start < self.oldest():  # overwritten (or being overwritten) while we copied
             raise RingOverrun(f"frames from {start} were overwritten during the read")
         return out
