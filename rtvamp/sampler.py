@@ -169,7 +169,8 @@ class MaskedSampler:
         self._conf = np.zeros(positions, dtype=np.float32)
         self._sort = np.zeros(self.n_predict * max_frames, dtype=np.float32)
         self._row = np.zeros(vocab_size, dtype=np.float32)
-        self._weights = np.zeros(vocab_size, dtype=np.float64)
+        self._weights = np.zeros(vocab_size, dtype=np.float32)
+        self._block_sums = np.zeros(-(-vocab_size // kernels.BLOCK), dtype=np.float32)
         self._scratch = np.zeros(vocab_size, dtype=np.float32)
         self._d = np.zeros(vocab_size, dtype=np.float32)
         self._keys = np.zeros(vocab_size, dtype=np.int64)
@@ -239,9 +240,11 @@ class MaskedSampler:
         mask [B, C, T] (bool or int): non-zero = generate; conditioning codebooks are always kept.
         noise: optional replay of upstream's Gumbel noise, one float32 [B, T·Cp] array per step
         ((t, c) order), used instead of drawn noise. seeds: one int per batch item (None = fresh
-        entropy). finish_by: a `time.perf_counter()` deadline (seconds); with step_seconds (cost
-        of one step, seconds) a step after which the next one would end past it becomes the final
-        step (everything still masked is committed). on_step(i, steps) is called after step i.
+        entropy). finish_by: a `time.perf_counter()` deadline (seconds): a step after which the
+        next one would end past it becomes the final step (everything still masked is
+        committed); the cost of a step is `step_seconds` (measured earlier, seconds) for the
+        first step and the measured cost of the previous step after that (without step_seconds
+        the first step always runs). on_step(i, steps) is called after step i.
 
         Returns int64 [B, C, T] without MASK ids: a view of an internal buffer, valid until the
         next call (copy it to keep it).
@@ -251,6 +254,7 @@ class MaskedSampler:
         n_positions = n_frames * cp
         if finish_by is not None:
             _check_finite("finish_by", finish_by)
+        if step_seconds is not None:
             _check_finite("step_seconds", step_seconds)
             if step_seconds <= 0:
                 raise ValueError(f"step_seconds must be > 0, got {step_seconds!r}")
@@ -278,9 +282,11 @@ class MaskedSampler:
         top_p = params.top_p or 0.0
         typical_mass = params.typical_mass or 0.0
 
+        step_cost = step_seconds
         for i in range(steps):
+            step_start = time.perf_counter()
             final = i == steps - 1 or (
-                finish_by is not None and time.perf_counter() + 2.0 * step_seconds > finish_by)
+                finish_by is not None and step_cost is not None and step_start + 2.0 * step_cost > finish_by)
             logits = logits_fn(work)
             self._check_logits(logits, logits_shape)
             for generator, row in zip(generators, uniform_rows):
@@ -294,9 +300,10 @@ class MaskedSampler:
                 logits, work, n_cond, self.mask_id, uniforms, gumbel, n0, i, steps, final,
                 params.samples_at(i), params.temperature, params.mask_temperature, top_k, top_p,
                 typical_mass, params.typical_min_tokens, sampled, conf, self._row, self._weights,
-                self._scratch, self._d, self._keys, self._sort)
+                self._block_sums, self._scratch, self._d, self._keys, self._sort)
             if on_step is not None:
                 on_step(i, steps)
             if final:
                 break
+            step_cost = time.perf_counter() - step_start  # the latest measured cost plans the next
         return work

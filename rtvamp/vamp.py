@@ -35,6 +35,17 @@ STEP_PRESETS: dict[str, tuple[int, int]] = {
 `upstream` the web app's 36 + 2."""
 
 
+def resolve_steps(steps: str | int, c2f_steps: int | None = None) -> tuple[int, int]:
+    """(coarse steps, c2f steps) from a step preset name or a coarse step count (C2F default 2)."""
+    if isinstance(steps, str):
+        if steps not in STEP_PRESETS:
+            raise ValueError(f"unknown step preset {steps!r}; choose from {', '.join(STEP_PRESETS)}")
+        coarse, c2f = STEP_PRESETS[steps]
+    else:
+        coarse, c2f = steps, 2
+    return coarse, c2f_steps or c2f
+
+
 @dataclass(frozen=True)
 class VampSettings:
     """What a vamp does. Mask recipe by preset name (see rtvamp.masks.PRESETS) unless `mask` is
@@ -49,19 +60,14 @@ class VampSettings:
     def make(cls, preset: str = masks.DEFAULT_PRESET, steps: str | int = "quality", c2f_steps: int | None = None,
              temperature: float = 1.0, top_p: float | None = None, seed: int = 0, variations: int = 1) -> VampSettings:
         """Settings from performer-level knobs (step preset name or coarse step count)."""
-        if isinstance(steps, str):
-            if steps not in STEP_PRESETS:
-                raise ValueError(f"unknown step preset {steps!r}; choose from {', '.join(STEP_PRESETS)}")
-            coarse_steps, default_c2f = STEP_PRESETS[steps]
-        else:
-            coarse_steps, default_c2f = steps, 2
+        coarse_steps, c2f_steps = resolve_steps(steps, c2f_steps)
         if preset not in masks.PRESETS:
             raise ValueError(f"unknown mask preset {preset!r}; choose from {', '.join(masks.PRESETS)}")
         if variations < 1:
             raise ValueError("variations must be ≥ 1")
         return cls(preset=preset,
                    coarse=SamplingParams(steps=coarse_steps, temperature=temperature, top_p=top_p),
-                   c2f=SamplingParams(steps=c2f_steps or default_c2f, temperature=temperature, top_p=top_p),
+                   c2f=SamplingParams(steps=c2f_steps, temperature=temperature, top_p=top_p),
                    seeds=tuple(seed + i for i in range(variations)))
 
 

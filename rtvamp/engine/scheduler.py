@@ -1,0 +1,332 @@
+"""The control half of the engine: triggers become jobs, results become swaps at a boundary.
+
+Runs on its own thread (never the audio thread). Everything time-related is decided in *engine
+samples* (the audio clock), so a file-driven render is sample-exact and deterministic, and a
+live one swaps exactly on the grid. Rules (docs/realtime.md rule 3):
+- a result is swapped in at the job's target boundary if it arrives in time, else at the first
+  boundary after it arrived (quantised the same way); until then the current loop keeps playing;
+- a newer trigger cancels the job in flight;
+- the deadline given to the worker is the time to the target boundary, minus a safety margin.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ..masks import DEFAULT_PRESET
+from ..vamp import resolve_steps
+from .backend import Event, JobResult, WorkerLost
+from .core import AudioCore
+from .protocol import Progress
+from .history import LoopHistory, Take
+from .transport import Quantize, Transport
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("input", "loop", "output")
+"""What a trigger vamps: the last N bars of the input (retrospective capture), the current
+loop, or the last N bars of the output (feedback)."""
+
+
+@dataclass(frozen=True)
+class VampParams:
+    """Performer-level vamp parameters (see rtvamp.vamp.VampSettings.make)."""
+
+    preset: str = DEFAULT_PRESET
+    steps: str | int = "fast"
+    c2f_steps: int | None = None
+    temperature: float = 1.0
+    top_p: float | None = None
+    variations: int = 1
+    seed: int | None = None
+    """None: a fresh seed per trigger (seed counter)"""
+
+    def step_counts(self) -> tuple[int, int]:
+        return resolve_steps(self.steps, self.c2f_steps)
+
+
+@dataclass(frozen=True)
+class Trigger:
+    source: str = "input"
+    bars: int = 2
+    quantize: Quantize = Quantize.BAR
+    params: VampParams = field(default_factory=VampParams)
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown trigger source {self.source!r} ({', '.join(SOURCES)})")
+        if not 1 <= self.bars <= 16:
+            raise ValueError("bars must be within 1–16")
+
+
+@dataclass
+class JobState:
+    id: int
+    trigger: Trigger
+    backend_id: int
+    window: tuple[int, int]
+    target: int
+    """engine sample of the boundary the result should land on"""
+    submitted_sample: int
+    seeds: list[int]
+    parent: int | None
+    stage: str = "queued"
+    fraction: float = 0.0
+    status: str = "running"
+    """running, ok, cancelled, failed"""
+    swap_at: int | None = None
+    error: str = ""
+    seconds: dict = field(default_factory=dict)
+    wall_latency_s: float = 0.0
+
+
+class Scheduler:
+    """Triggers, looper commands and the job loop. `backend` has submit/cancel/events/close
+    (rtvamp.engine.backend)."""
+
+    def __init__(self, core: AudioCore, transport: Transport, backend, safety_ms: float = 30.0,
+                 loop_quantize: Quantize = Quantize.BAR, deadline_mode: bool = True) -> None:
+        self.core = core
+        self.transport = transport
+        self.backend = backend
+        self.history = LoopHistory()
+        self.sample_rate = core.config.sample_rate
+        self.safety = int(safety_ms * self.sample_rate / 1000)
+        self.loop_quantize = loop_quantize
+        self.deadline_mode = deadline_mode
+        self.jobs: dict[int, JobState] = {}
+        self.active: JobState | None = None
+        self.auto_every_loops: int | None = None
+        self.auto_trigger = Trigger(source="loop")
+        self.loop_start_bar = 0
+        self.loop_bars = 1
+        self.tempo_locked = False
+        self.messages: list[str] = []
+        """human-readable notices for the UI (worker lost, job failed, …), newest last"""
+        self._lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._seeds = itertools.count(1)
+        self._by_backend: dict[int, JobState] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_auto_sample: int | None = None
+        self.events_log: list[tuple] = []
+        """(kind, sample, info) for the session log: trigger, swap, record, …"""
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="rtvamp-scheduler", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll(timeout_s=0.01)
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Handle backend events, audio-thread events and automatic triggers (scheduler thread,
+        or the file driver's thread in offline renders)."""
+        for event in self.backend.events(timeout_s):
+            self._on_backend_event(event)
+        while self.core.events:
+            self._on_core_event(self.core.events.popleft())
+        self._auto()
+
+    def _note(self, text: str) -> None:
+        log.info(text)
+        self.messages.append(text)
+        del self.messages[:-20]
+
+    # -- triggers and jobs ----------------------------------------------------------------
+
+    def trigger(self, trigger: Trigger, now: int | None = None) -> JobState | None:
+        """Start a vamp. Returns its job (None if there is nothing to vamp yet)."""
+        with self._lock:
+            now = self.core.now if now is None else now
+            window_audio, window = self._window(trigger, now)
+            if window_audio is None:
+                self._note(f"nothing to vamp yet ({trigger.source})")
+                return None
+            target = self._target(now + self.safety, trigger.quantize)
+            p = trigger.params
+            first_seed = p.seed if p.seed is not None else next(self._seeds) * 1000
+            seeds = [first_seed + k for k in range(p.variations)]
+            deadline_s = max(0.0, (target - now - self.safety) / self.sample_rate) if self.deadline_mode else None
+            if self.active is not None and self.active.status == "running":
+                self.cancel(self.active)
+            bars = trigger.bars
+            beat_times = self._beat_times(window)
+            coarse_steps, c2f_steps = p.step_counts()
+            backend_id = self.backend.submit(
+                window_audio, self.sample_rate, preset=p.preset, coarse_steps=coarse_steps, c2f_steps=c2f_steps,
+                temperature=p.temperature, top_p=p.top_p, seeds=seeds, beat_times_s=beat_times,
+                deadline_s=deadline_s)
+            current = self.history.current
+            job = JobState(next(self._ids), trigger, backend_id, window, target, now, seeds,
+                           current.id if current else None)
+            self.jobs[job.id] = job
+            self._by_backend[backend_id] = job
+            self.active = job
+            self.events_log.append(("trigger", now, {"job": job.id, "source": trigger.source, "bars": bars,
+                                                      "target": target}))
+            return job
+
+    def cancel(self, job: JobState) -> None:
+        with self._lock:
+            if job.status == "running":
+                self.backend.cancel(job.backend_id)
+                job.status = "cancelled"
+
+    def _window(self, trigger: Trigger, now: int) -> tuple[np.ndarray | None, tuple[int, int]]:
+        if trigger.source == "loop":
+            take = self.history.current
+            if take is None:
+                return None, (now, now)
+            return take.audio, (now, now + take.n_samples)
+        start, stop = self.transport.last_bars(now, trigger.bars)
+        ring = self.core.input_ring if trigger.source == "input" else self.core.output_ring
+        if start < ring.oldest() or stop <= start:
+            return None, (start, stop)
+        return ring.read(start, stop), (start, stop)
+
+    def _beat_times(self, window: tuple[int, int]) -> list[float]:
+        """Beat positions inside the window, in seconds from its start (for follow-beat masks)."""
+        start, stop = window
+        first = int(np.ceil(float(self.transport.beat_at(start))))
+        times = []
+        beat = first
+        while (s := self.transport.beat_sample(beat)) < stop:
+            times.append((s - start) / self.sample_rate)
+            beat += 1
+        return times
+
+    def _target(self, earliest: int, quantize: Quantize) -> int:
+        return self.transport.next_boundary(earliest, quantize, self.loop_start_bar, self.loop_bars)
+
+    def _on_backend_event(self, event: Event) -> None:
+        if isinstance(event, Progress):
+            job = self._by_backend.get(event.job_id)
+            if job is not None:
+                job.stage, job.fraction = event.stage, event.fraction
+        elif isinstance(event, JobResult):
+            self._on_result(event)
+        elif isinstance(event, WorkerLost):
+            self._note(f"worker lost ({event.reason}); a new one is starting")
+
+    def _on_result(self, result: JobResult) -> None:
+        with self._lock:
+            job = self._by_backend.pop(result.job_id, None)
+            if job is None:
+                return
+            job.wall_latency_s = result.latency_s
+            job.seconds = dict(result.seconds)
+            if result.status != "ok":
+                job.status = result.status if job.status != "cancelled" else "cancelled"
+                job.error = result.error
+                if result.status == "failed":
+                    self._note(f"vamp {job.id} failed: {result.error}")
+                return
+            if job.status == "cancelled":
+                return
+            job.status = "ok"
+            candidates = [np.ascontiguousarray(a, dtype=np.float32) for a in result.audio]
+            takes = self.history.add_candidates(candidates, job.id, job.parent, job.seeds,
+                                                job.trigger.params.preset, job.trigger.bars)
+            now = self.core.now
+            at = job.target if job.target >= now + self.safety else self._target(now + self.safety, job.trigger.quantize)
+            job.swap_at = at
+            self._swap_to(takes[0], at)
+
+    def _swap_to(self, take: Take, at: int) -> None:
+        self.core.post("swap", at, take.audio, at)
+        self.loop_bars = take.bars or self.loop_bars
+        self.loop_start_bar = self.transport.position(at)[0]
+        self.events_log.append(("swap", at, {"take": take.id}))
+
+    def job_pending_before(self, sample: int) -> JobState | None:
+        """The running job whose target is before `sample` (the file driver waits for it)."""
+        job = self.active
+        if job is not None and job.status == "running" and job.target < sample:
+            return job
+        return None
+
+    # -- looper ---------------------------------------------------------------------------
+
+    def _boundary(self, quantize: Quantize | None = None) -> int:
+        return self._target(self.core.now + self.safety, quantize or self.loop_quantize)
+
+    def record(self, quantize: Quantize | None = None) -> int:
+        at = self._boundary(quantize)
+        self.core.post("record", at)
+        self.events_log.append(("record", at, {}))
+        return at
+
+    def stop_record(self, quantize: Quantize | None = None) -> int:
+        at = self._boundary(quantize)
+        self.core.post("stop_record", at)
+        return at
+
+    def _on_core_event(self, event: tuple) -> None:
+        if event[0] == "recorded":
+            _, start, stop, view = event
+            audio = view.copy()
+            self.core.post("rebind", view, audio)
+            if not self.tempo_locked:
+                per_bar = float(self.transport.samples_per_bar())
+                bars = max(1, round(audio.shape[0] / per_bar))
+                bpm = self.transport.tempo_from_loop(start, audio.shape[0], bars)
+                self.tempo_locked = True
+                self._note(f"tempo {bpm:.2f} BPM from the first loop ({bars} bars)")
+            bars = max(1, round(audio.shape[0] / float(self.transport.samples_per_bar())))
+            self.history.add(audio, "recorded", bars=bars)
+            self.loop_bars = bars
+            self.loop_start_bar = self.transport.position(stop)[0]
+            self.events_log.append(("recorded", stop, {"start": start, "samples": audio.shape[0]}))
+        elif event[0] == "swapped":
+            self.events_log.append(("swapped", event[1], {}))
+
+    def select(self, take: Take | None, quantize: Quantize | None = None) -> Take | None:
+        """Swap to a take from the history at the next boundary (undo/redo/candidates/recall)."""
+        if take is not None:
+            self._swap_to(take, self._boundary(quantize))
+        return take
+
+    def undo(self) -> Take | None:
+        return self.select(self.history.undo())
+
+    def redo(self) -> Take | None:
+        return self.select(self.history.redo())
+
+    def next_candidate(self, step: int = 1) -> Take | None:
+        return self.select(self.history.step_candidate(step))
+
+    def recall(self, take_id: int) -> Take:
+        return self.select(self.history.recall(take_id))
+
+    def clear(self) -> None:
+        self.core.post("swap", self._boundary(Quantize.OFF), None, 0)
+        self.history.clear()
+        self.tempo_locked = False
+
+    # -- automatic triggers ---------------------------------------------------------------
+
+    def _auto(self) -> None:
+        if not self.auto_every_loops or self.history.current is None:
+            self._next_auto_sample = None
+            return
+        now = self.core.now
+        if self._next_auto_sample is None:
+            self._next_auto_sample = now + self.auto_every_loops * self.history.current.n_samples
+        if now >= self._next_auto_sample:
+            self._next_auto_sample = None
+            self.trigger(replace(self.auto_trigger, quantize=Quantize.LOOP), now)

@@ -1,0 +1,325 @@
+"""The generation worker process: ``python -m rtvamp.engine.worker --bind ENDPOINT``.
+
+Generation runs here, not in the audio process, so the audio callback never competes for this
+process's GIL (docs/realtime.md, rule 2). Sockets (see :mod:`rtvamp.engine.protocol`):
+
+- a ROUTER bound at ENDPOINT, owned by the main thread: engines connect DEALERs to it;
+- an inproc PAIR ("outbox"): the job thread hands its encoded Progress and Result frames
+  (routing identity first) to the main thread, which forwards them on the ROUTER.
+
+The job thread runs one vamp at a time, jobs in order of arrival. A Cancel drops a queued job,
+or stops the running one at its next progress report (the Vamper reports after every sampling
+step). Every job ends with exactly one Result. Malformed messages are counted and dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnxruntime
+import zmq
+
+from ..bundle import resolve_bundle
+from ..vamp import Vamper, VampResult, VampSettings
+from .protocol import (MAX_AUDIO_BYTES, PROTOCOL_VERSION, Buffer, Cancel, Connect, Heartbeat, Hello, Job,
+                       Progress, ProtocolError, Result, Shutdown, WorkerInfo, decode_request, encode)
+
+log = logging.getLogger("rtvamp.worker")
+
+HEARTBEAT_S = 0.5
+"""seconds between heartbeats to every connected engine"""
+
+PROGRESS_INTERVAL_S = 0.05
+"""least seconds between two Progress messages of a job (≤ 20 per second)"""
+
+WARM_UP_S = 0.5
+"""seconds of audio vamped once at start, so the first real job pays no warm-up cost"""
+
+
+class Cancelled(Exception):
+    """Raised inside the Vamper's progress callback to stop the running job."""
+
+
+@dataclass
+class _Task:
+    """A received job: who asked, what, and when it arrived (time.perf_counter() seconds)."""
+
+    peer: bytes
+    job: Job
+    audio: np.ndarray
+    received: float
+
+
+class Identity:
+    """This worker's WorkerInfo, with the Vamper's current step costs."""
+
+    def __init__(self, vamper: Vamper) -> None:
+        self.vamper = vamper
+        self.host = socket.gethostname()
+        self.bundle = vamper.manifest.name or str(vamper.bundle.root)
+        self.providers = list(onnxruntime.get_available_providers())
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(host=self.host, pid=os.getpid(), bundle=self.bundle, providers=self.providers,
+                          max_batch=self.vamper.max_batch, step_seconds=dict(self.vamper.step_seconds))
+
+
+def result_frames(task: _Task, identity: Identity, status: str, error: str = "",
+                  vamped: VampResult | None = None, seconds: dict[str, float] | None = None) -> list[Buffer]:
+    """[peer, header, audio] of a job's Result (audio empty unless status is ok)."""
+    if vamped is None:
+        result = Result(job_id=task.job.job_id, status=status, worker=identity.info(), error=error,
+                        seconds=seconds or {})
+        return [task.peer, *encode(result)]
+    k, n, ch = vamped.audio.shape
+    result = Result(job_id=task.job.job_id, status=status, worker=identity.info(), n_candidates=k,
+                    n_samples=n, n_channels=ch, sample_rate=vamped.sample_rate, seconds=seconds or {})
+    return [task.peer, *encode(result, vamped.audio)]
+
+
+def settings_of(job: Job) -> VampSettings:
+    """VampSettings from a Job (raises ValueError for an unknown preset)."""
+    settings = VampSettings.make(job.preset, job.coarse_steps, job.c2f_steps, job.temperature, job.top_p,
+                                 seed=job.seeds[0], variations=len(job.seeds))
+    return replace(settings, seeds=tuple(job.seeds))
+
+
+class JobThread(threading.Thread):
+    """Runs queued jobs one at a time on the Vamper; sends Progress and Result to the outbox."""
+
+    def __init__(self, identity: Identity, context: zmq.Context, outbox: str) -> None:
+        super().__init__(name="rtvamp-job", daemon=True)
+        self.identity = identity
+        self.vamper = identity.vamper
+        self._context, self._outbox_address = context, outbox
+        self._cond = threading.Condition()
+        self._queue: deque[_Task] = deque()
+        self._running: _Task | None = None
+        self._cancel_running = False
+        self._stopping = False
+
+    # -- called from the main thread ------------------------------------------------------------
+
+    def submit(self, task: _Task) -> None:
+        with self._cond:
+            self._queue.append(task)
+            self._cond.notify()
+
+    def cancel(self, peer: bytes, job_id: int) -> _Task | None:
+        """Cancel a job of `peer`: a queued one is removed and returned (the caller answers it);
+        a running one is flagged and ends with a "cancelled" Result from this thread."""
+        with self._cond:
+            for task in self._queue:
+                if task.peer == peer and task.job.job_id == job_id:
+                    self._queue.remove(task)
+                    return task
+            if self._running is not None and (self._running.peer, self._running.job.job_id) == (peer, job_id):
+                self._cancel_running = True
+            return None
+
+    def load(self) -> tuple[int, bool]:
+        """(jobs queued, whether one is running)."""
+        with self._cond:
+            return len(self._queue), self._running is not None
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = self._cancel_running = True
+            self._cond.notify()
+
+    # -- the job thread --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        outbox = self._context.socket(zmq.PAIR)
+        outbox.setsockopt(zmq.LINGER, 0)
+        outbox.connect(self._outbox_address)
+        try:
+            while (task := self._next()) is not None:
+                outbox.send_multipart(self._run_task(task, outbox), copy=False)
+                with self._cond:
+                    self._running, self._cancel_running = None, False
+        finally:
+            outbox.close()
+
+    def _next(self) -> _Task | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            self._running = self._queue.popleft()
+            return self._running
+
+    def _run_task(self, task: _Task, outbox: zmq.Socket) -> list[Buffer]:
+        """Vamp one job → its Result frames. Never raises for a bad job."""
+        job, start = task.job, time.perf_counter()
+        seconds = {"queued": start - task.received}
+        try:
+            if job.bundle is not None and job.bundle != self.identity.bundle:
+                raise ValueError(f"this worker serves bundle {self.identity.bundle!r}, not {job.bundle!r}")
+            finish_by = None if job.deadline_s is None else task.received + job.deadline_s
+            vamped = self.vamper.vamp(task.audio, job.sample_rate, settings_of(job),
+                                      beat_times_s=job.beat_times_s, finish_by=finish_by,
+                                      progress=self._progress(task, outbox))
+        except Cancelled:
+            return result_frames(task, self.identity, "cancelled", seconds=seconds)
+        except ValueError as exc:  # AudioInputError, BundleError, bad settings: the user's message
+            log.info("job %d failed: %s", job.job_id, exc)
+            return result_frames(task, self.identity, "failed", str(exc) or type(exc).__name__, seconds=seconds)
+        except Exception as exc:
+            log.exception("job %d failed", job.job_id)
+            return result_frames(task, self.identity, "failed", f"{type(exc).__name__}: {exc}", seconds=seconds)
+        seconds.update(vamped.seconds)
+        if self._cancel_running:
+            return result_frames(task, self.identity, "cancelled", seconds=seconds)
+        return result_frames(task, self.identity, "ok", vamped=vamped, seconds=seconds)
+
+    def _progress(self, task: _Task, outbox: zmq.Socket) -> Callable[[str, float], None]:
+        """The Vamper's progress callback: raises Cancelled when asked to; sends Progress at
+        most every PROGRESS_INTERVAL_S seconds."""
+        last = -float("inf")
+
+        def report(stage: str, fraction: float) -> None:
+            nonlocal last
+            if self._cancel_running:
+                raise Cancelled
+            now = time.perf_counter()
+            if now - last >= PROGRESS_INTERVAL_S:
+                last = now
+                message = Progress(job_id=task.job.job_id, stage=stage, fraction=min(max(fraction, 0.0), 1.0))
+                outbox.send_multipart([task.peer, *encode(message)])
+
+        return report
+
+
+class Worker:
+    """The main thread: owns the ROUTER, forwards the outbox, sends heartbeats."""
+
+    def __init__(self, vamper: Vamper, endpoint: str, context: zmq.Context, parent_pid: int | None = None) -> None:
+        self.identity = Identity(vamper)
+        self.parent_pid = parent_pid
+        self.malformed = 0
+        """messages dropped because they did not follow the protocol"""
+        self.peers: set[bytes] = set()
+        self.router = context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_AUDIO_BYTES + 65536)
+        self.router.bind(endpoint)
+        outbox_address = f"inproc://rtvamp-worker-outbox-{id(self)}"
+        self.outbox = context.socket(zmq.PAIR)
+        self.outbox.setsockopt(zmq.LINGER, 0)
+        self.outbox.bind(outbox_address)
+        self.jobs = JobThread(self.identity, context, outbox_address)
+
+    def serve(self) -> None:
+        """Serve until Shutdown (or until the parent process is gone)."""
+        self.jobs.start()
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.outbox, zmq.POLLIN)
+        next_beat = time.monotonic()
+        try:
+            while True:
+                ready = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
+                if self.outbox in ready:
+                    self.router.send_multipart(self.outbox.recv_multipart(copy=False), copy=False)
+                if self.router in ready and not self._receive():
+                    return
+                if time.monotonic() >= next_beat:
+                    if self._orphaned():
+                        log.info("parent process %d is gone; exiting", self.parent_pid)
+                        return
+                    self._heartbeat()
+                    next_beat = time.monotonic() + HEARTBEAT_S
+        finally:
+            self.jobs.stop()
+            self.jobs.join(timeout=5.0)
+            self.router.close()
+            self.outbox.close()
+
+    def _receive(self) -> bool:
+        """Handle one message from an engine; False when told to shut down."""
+        frames = self.router.recv_multipart(copy=False)
+        peer = frames[0].bytes
+        try:
+            message, audio = decode_request([f.buffer for f in frames[1:]])
+        except ProtocolError as exc:
+            self.malformed += 1
+            log.warning("dropped a malformed message (%d so far): %s", self.malformed, exc)
+            return True
+        if isinstance(message, Shutdown):
+            log.info("shutdown requested")
+            return False
+        self.peers.add(peer)
+        if isinstance(message, Connect):
+            self._hello(peer, message)
+        elif isinstance(message, Job):
+            self.jobs.submit(_Task(peer, message, audio, time.perf_counter()))
+        elif isinstance(message, Cancel):
+            task = self.jobs.cancel(peer, message.job_id)
+            if task is not None:
+                self.router.send_multipart(result_frames(task, self.identity, "cancelled"), copy=False)
+        return True
+
+    def _hello(self, peer: bytes, message: Connect) -> None:
+        if message.protocol != PROTOCOL_VERSION:
+            log.warning("engine %r speaks protocol %d; this worker speaks %d", message.client,
+                        message.protocol, PROTOCOL_VERSION)
+        hello = Hello(protocol=PROTOCOL_VERSION, worker=self.identity.info())
+        self.router.send_multipart([peer, *encode(hello)])
+
+    def _heartbeat(self) -> None:
+        queued, busy = self.jobs.load()
+        frames = encode(Heartbeat(worker=self.identity.info(), queued=queued, busy=busy, malformed=self.malformed))
+        for peer in self.peers:
+            self.router.send_multipart([peer, *frames])
+
+    def _orphaned(self) -> bool:
+        return self.parent_pid is not None and os.getppid() != self.parent_pid
+
+
+def warm_up(vamper: Vamper) -> None:
+    """One tiny vamp (WARM_UP_S seconds of a sine), so that kernel caches and sessions are warm."""
+    rate = vamper.manifest.sample_rate
+    t = np.arange(int(WARM_UP_S * rate)) / rate
+    sine = (0.3 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32)[:, None]
+    vamper.vamp(sine, rate, VampSettings.make(steps="fast"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rtvamp.engine.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--bind", required=True, help="ZeroMQ endpoint to bind, e.g. ipc:///tmp/w.ipc")
+    parser.add_argument("--bundle", help="bundle folder or installed name (default: the embedded tiny one)")
+    parser.add_argument("--max-batch", type=int, default=2, help="most candidates per job")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process is no longer the parent")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="rtvamp-worker[%(process)d] %(levelname)s %(message)s")
+    try:
+        vamper = Vamper(None if args.bundle is None else resolve_bundle(args.bundle), max_batch=args.max_batch)
+        warm_up(vamper)
+    except ValueError as exc:  # BundleError and friends: a message for the user
+        log.error("cannot start: %s", exc)
+        return 2
+    context = zmq.Context()
+    worker = Worker(vamper, args.bind, context, args.parent_pid)
+    log.info("serving bundle %r on %s", worker.identity.bundle, args.bind)
+    try:
+        worker.serve()
+    except KeyboardInterrupt:
+        pass
+    if not worker.jobs.is_alive():  # a job thread stuck in a long stage still holds its socket
+        context.term()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
