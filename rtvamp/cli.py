@@ -51,25 +51,32 @@ def _timings_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> Tabl
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .files import write_audio
-    from .synth import groove
-    from .vamp import Vamper, VampSettings
+    from .bundle import load_bundle
+    from .demo import run_demo
 
-    rate = 44100
-    loop = groove(bars=args.bars, bpm=args.bpm, sample_rate=rate)
-    vamper = Vamper(args.bundle and _bundle(args.bundle), max_batch=args.variations)
-    settings = VampSettings.make(preset=args.preset, steps=args.steps, seed=args.seed, variations=args.variations)
-    console.print(f"[bold]rtvamp demo[/]: a {args.bars}-bar groove at {args.bpm:g} BPM, "
-                  f"{args.variations} variation(s), preset {args.preset}, bundle {vamper.bundle.root}")
-    if vamper.manifest.name == "tiny":
+    bundle = load_bundle(_bundle(args.bundle) if args.bundle else None)
+    console.print(f"[bold]rtvamp demo[/]: a scripted {args.bars}-bar performance at {args.bpm:g} BPM through the "
+                  f"live engine (bundle {bundle.manifest.name}, {args.variations} candidates per vamp)")
+    if bundle.manifest.name == "tiny":
         console.print("[yellow]note[/]: the embedded tiny model has random weights — its output is not music. "
                       "See README 'Real weights' to convert the official VampNet weights.")
-    result = _vamp_with_progress(vamper, loop, rate, settings)
-    # the performance: the original loop, then each variation, back to back
-    performance = np.concatenate([loop[:, None]] + [result.audio[k] for k in range(result.audio.shape[0])])
-    out = write_audio(args.output, performance, rate)
-    console.print(_timings_table("per-vamp timings", [("demo", result.seconds)]))
-    print(out)
+    with console.status("rendering (vamps run in the worker process)…"):
+        result = run_demo(Path(args.output), bpm=args.bpm, bars=args.bars, steps=args.steps,
+                          variations=args.variations, seed=args.seed, bundle=args.bundle)
+    table = Table(title="per-vamp timings (seconds)")
+    for col in ("#", "source", "bars", "swap at", "status", "encode", "coarse", "c2f", "decode", "latency"):
+        table.add_column(col, justify="right")
+    for job in result.jobs:
+        sec = job.seconds
+        table.add_row(str(job.id), job.trigger.source,
+                      f"{job.window[0] // result.bar_samples}–{job.window[1] // result.bar_samples - 1}"
+                      if job.trigger.source != "loop" else "loop",
+                      f"bar {job.swap_at // result.bar_samples}" if job.swap_at is not None else "–", job.status,
+                      *(f"{sec.get(k, float('nan')):.3f}" for k in ("encode", "coarse", "c2f", "decode")),
+                      f"{job.wall_latency_s:.3f}")
+    console.print(table)
+    print(result.wav)
+    print(result.png)
 
 
 def _bundle(name_or_path: str):
@@ -231,11 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rtvamp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="vamp a synthesized groove with the embedded model and write a WAV")
+    demo = sub.add_parser("demo", help="a scripted headless performance through the engine → WAV + report PNG")
     demo.add_argument("-o", "--output", default="rtvamp-demo.wav")
-    demo.add_argument("--bars", type=int, default=2)
+    demo.add_argument("--bars", type=int, default=14, help="length of the render (≥ 13)")
     demo.add_argument("--bpm", type=float, default=120.0)
-    demo.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
     demo.add_argument("--steps", default="balanced", choices=sorted(STEP_PRESETS))
     demo.add_argument("--variations", type=int, default=2)
     demo.add_argument("--seed", type=int, default=1)

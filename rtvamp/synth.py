@@ -14,7 +14,7 @@ def _env(n: int, decay_s: float, rate: int) -> np.ndarray:
 
 
 def groove(bars: int = 2, bpm: float = 120.0, sample_rate: int = 44100, seed: int = 0) -> np.ndarray:
-    """Mono float32 [round(bars · 4 · 60/bpm · rate)] at about −14 dBFS RMS."""
+    """Mono float32 [round(bars · 4 · 60/bpm · rate)] at −24 dBFS RMS."""
     rng = np.random.default_rng(seed)
     beat = 60.0 / bpm
     n = int(round(bars * 4 * beat * sample_rate))
@@ -45,4 +45,4 @@ def groove(bars: int = 2, bpm: float = 120.0, sample_rate: int = 44100, seed: in
             stab = sum(np.sin(2 * np.pi * f0 * tb) for f0 in (329.6, 392.0, 493.9)) / 3
             place(b + 0.5, (stab * _env(tb.size, 0.15, sample_rate) * 0.2).astype(np.float32))
     out = out[:n]
-    return (out / np.sqrt(np.mean(out ** 2)) * 10 ** (-14 / 20)).astype(np.float32)
+    return (out / np.sqrt(np.mean(out ** 2)) * 10 ** (-24 / 20)).astype(np.float32)

@@ -17,15 +17,17 @@ def rtvamp(*args: str, cwd=None) -> subprocess.CompletedProcess:
                           cwd=cwd, timeout=600)
 
 
-def test_demo_writes_the_performance(tmp_path):
+def test_demo_renders_a_scripted_performance(tmp_path):
     out = tmp_path / "demo.wav"
     proc = rtvamp("demo", "-o", str(out), "--variations", "2", "--steps", "fast")
     assert proc.returncode == 0, proc.stderr
     audio, rate = soundfile.read(out)
-    assert rate == 44100
-    assert audio.shape[0] == 3 * 4 * 44100  # the 2-bar loop at 120 BPM, then two variations
-    assert np.isfinite(audio).all() and np.abs(audio[4 * 44100:]).max() > 1e-3
+    assert rate == 44100 and audio.shape == (14 * 2 * 44100, 2)  # 14 bars at 120 BPM, stereo
+    assert np.isfinite(audio).all() and np.abs(audio[12 * 88200:]).max() > 1e-3  # vamped loops still sound
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
     assert "not music" in proc.stderr
+    rows = [line for line in proc.stderr.splitlines() if " ok " in line]
+    assert len(rows) == 3 and "bar 5" in rows[0] and "bar 8" in rows[1] and "bar 12" in rows[2]
 
 
 def test_vamp_file_keeps_rate_channels_and_length(tmp_path):
