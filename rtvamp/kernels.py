@@ -9,11 +9,23 @@ one batch item in upstream's flat (t, c) order: position p = t·Cp + c.
 
 Floating point, chosen to follow upstream's float32 torch code where a decision depends on it:
 * the schedule (r, γ(r), ⌊γ·N0⌋) and the noise scale τ = mask_temperature·(1 − r) are float32;
-* logits / temperature is a float32 division; exponentials and normalisers are float64 (summed
-  sequentially in vocabulary order); a token's probability p_sel is rounded to float32, its log is
-  taken in float64 and rounded to float32, and confidence = ln(p_sel) + τ·g is float32 arithmetic;
-* cumulative sums (top-p, typical) accumulate float32 probabilities in float64 and compare the
-  float32-rounded sum, like torch's CPU cumsum.
+* token choice (`_choose_token`, the hot loop: every masked position, V logits): s = logits /
+  temperature is a float32 division (skipped at temperature 1, where it is exact); the softmax
+  weights w = e^(s − max s) are float32 (`exp32_diff`, a vectorised polynomial, relative error
+  < 1.5e-7), summed in float32 per block of BLOCK tokens and the block sums in float64; greedy
+  takes the argmax of the logits themselves (exact); p_sel = w_token / z is rounded to float32,
+  its log is taken in float64 and rounded to float32, and confidence = ln(p_sel) + τ·g is float32
+  arithmetic. The NumPy reference (`rtvamp.sampler_numpy`) computes the softmax in float64: its
+  p_sel agrees to ~3e-7 relative, so both choose the same tokens except where a sampling uniform
+  or two confidences lie within that noise of each other (the upstream fixtures still match
+  exactly: their decisions are far from float noise);
+* the filters (typical, top-k, top-p) follow the reference bit for bit: float64 exponentials and
+  normalisers (summed sequentially in vocabulary order); their cumulative sums accumulate float32
+  probabilities in float64 and compare the float32-rounded sum, like torch's CPU cumsum.
+
+Speed: fast-math flags only where harmless, in two small kernels (`contract` in the exponential,
+`reassoc`/`nsz` in the block sums), so that LLVM vectorises the loops over V (AVX2: 8 lanes);
+maxima are taken on order-preserving integer keys, which vectorise without fast-math.
 """
 
 from __future__ import annotations
@@ -22,6 +34,9 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 GUMBEL_U_MIN = 1e-20
 """Lower clamp of the Gumbel uniforms (upstream draws `uniform_(1e-20, 1)`)."""
@@ -113,6 +128,145 @@ def _max(x):
         if x[j] > m:
             m = x[j]
     return m
+
+
+BLOCK = 64
+"""Tokens per block of the softmax weights' partial sums (`_block_sums`, inverse-CDF scan)."""
+
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI = np.float32(0.693359375)  # ln 2 = _LN2_HI + _LN2_LO, _LN2_HI with 8 significant bits
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_P0 = np.float32(1.9875691500e-4)
+_EXP_P1 = np.float32(1.3981999507e-3)
+_EXP_P2 = np.float32(8.3334519073e-3)
+_EXP_P3 = np.float32(4.1665795894e-2)
+_EXP_P4 = np.float32(1.6666665459e-1)
+_EXP_P5 = np.float32(5.0000001201e-1)
+_EXP_MIN = np.float32(-87.33654)  # ≈ ln(smallest normal float32): below, exp32 returns 0
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """The float32 whose IEEE-754 bits are the int32 `bits` (a bit cast)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"contract"})
+def exp32_diff(a, b):
+    """float32 e^(a − b) of float32 a ≤ b, as if a − b were exact: relative error < 1.5e-7.
+
+    0 where a − b < −87.34 (the float32 normal range ends) or a = −inf. Cephes expf on the
+    rounded difference d = fl(a − b), whose rounding error e = (a − b) − d (TwoSum, exact) joins
+    the reduced argument: n = ⌊d·log2 e + ½⌋, r = d − n·ln 2 + e (two-part ln 2), e^r by a degree-7
+    minimax polynomial, times 2^n built from its exponent bits. Branch-free float32 arithmetic,
+    so that loops calling it vectorise (8 lanes with AVX2). The only fast-math flag is `contract`
+    (a·b + c may become one fused multiply-add, which only rounds less); reassociation would undo
+    TwoSum and the two-part reduction. Deterministic on a given CPU; CPUs without FMA may differ
+    in the last bit.
+    """
+    d = a - b
+    b_virtual = d - a
+    e = (a - (d - b_virtual)) - (b + b_virtual)
+    dc = max(d, _EXP_MIN)
+    n = np.floor(dc * _LOG2E + np.float32(0.5))
+    r = dc - n * _LN2_HI
+    r = (r - n * _LN2_LO) + e
+    y = ((((_EXP_P0 * r + _EXP_P1) * r + _EXP_P2) * r + _EXP_P3) * r + _EXP_P4) * r + _EXP_P5
+    y = y * (r * r) + r + np.float32(1.0)
+    scale = _f32_from_bits(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+    return np.float32(0.0) if d < _EXP_MIN else y * scale
+
+
+@numba.njit(nogil=True, cache=True)
+def exp32(x):
+    """float32 e^x for float32 x ≤ 0 (`exp32_diff(x, 0)`): relative error < 1.5e-7."""
+    return exp32_diff(x, np.float32(0.0))
+
+
+@numba.njit(nogil=True, cache=True)
+def _order_key(bits):
+    """Order-preserving int32 key of a float32's IEEE bits (negative floats: magnitude flipped).
+
+    Its own inverse. Integer max reductions vectorise where float ones (NaN rules) do not.
+    """
+    return np.int32(bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+
+@numba.njit(nogil=True, cache=True)
+def _max_f32(x):
+    """Largest value of a NaN-free float32 row x."""
+    bits = x.view(np.int32)
+    best = np.int32(-2147483648)
+    for j in range(bits.shape[0]):
+        best = max(best, _order_key(bits[j]))
+    return _f32_from_bits(_order_key(best))
+
+
+@numba.njit(nogil=True, cache=True)
+def _argmax_f32(x, block_keys):
+    """(first index of the largest value, that value) of a NaN-free float32 row x.
+
+    The key maxima of blocks of BLOCK tokens go to `block_keys` int32 [⌈V/BLOCK⌉]; only the first
+    block holding the overall maximum is searched.
+    """
+    v = x.shape[0]
+    bits = x.view(np.int32)
+    n_blocks = (v + BLOCK - 1) // BLOCK
+    best = np.int32(-2147483648)
+    for k in range(n_blocks):
+        block_best = np.int32(-2147483648)
+        for j in range(k * BLOCK, min(v, (k + 1) * BLOCK)):
+            block_best = max(block_best, _order_key(bits[j]))
+        block_keys[k] = block_best
+        best = max(best, block_best)
+    x_max = _f32_from_bits(_order_key(best))
+    if x_max == 0.0:  # −0.0 and +0.0 have distinct keys but are equal maxima
+        token = 0
+        while x[token] != x_max:
+            token += 1
+        return token, x_max
+    token = 0
+    for k in range(n_blocks):
+        if block_keys[k] == best:
+            token = k * BLOCK
+            while _order_key(bits[token]) != best:
+                token += 1
+            break
+    return token, x_max
+
+
+@numba.njit(nogil=True, cache=True)
+def _exp_weights(x, t32, scaled, m, weights):
+    """weights[j] = e^(x[j]/t32 − m), or e^(x[j] − m) when not scaled, by `exp32_diff` (float32)."""
+    if scaled:
+        for j in range(x.shape[0]):
+            weights[j] = exp32_diff(x[j] / t32, m)
+    else:
+        for j in range(x.shape[0]):
+            weights[j] = exp32_diff(x[j], m)
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})
+def _block_sums(weights, block_sums):
+    """block_sums[k] = float32 sum of weights[k·BLOCK : (k+1)·BLOCK]; returns the block count.
+
+    Fast-math reassociation (this kernel only) lets LLVM add 8 lanes at a time; the order of
+    additions inside a block is LLVM's, i.e. fixed for a given build.
+    """
+    v = weights.shape[0]
+    n_blocks = (v + BLOCK - 1) // BLOCK
+    for k in range(n_blocks):
+        s = np.float32(0.0)
+        for j in range(k * BLOCK, min(v, (k + 1) * BLOCK)):
+            s += weights[j]
+        block_sums[k] = s
+    return n_blocks
 
 
 @numba.njit(nogil=True, cache=True)
@@ -257,43 +411,49 @@ def _top_p_filter(x, top_p, scratch):
 
 
 @numba.njit(nogil=True, cache=True)
-def _choose_token(x, temperature, sample, u, weights):
+def _choose_token(x, temperature, sample, u, weights, block_sums):
     """Sample (inverse CDF of u) or take the argmax of logits x; returns (token, float32 p_sel).
 
-    probs = softmax(x / temperature) (plain softmax when temperature ≤ 0); `weights` float64 [V]
-    receives exp(x/T − max). Greedy takes the first maximum of x itself.
+    probs = softmax(x / temperature) (plain softmax when temperature ≤ 0): m = max(x)/T in float32
+    (= max(x/T), rounding being monotone), `weights` float32 [V] receives w_j = e^(x_j/T − m) by
+    `exp32_diff` (0 for filtered tokens), `block_sums` float32 [⌈V/BLOCK⌉] their sums per block of
+    BLOCK tokens (before that, viewed as int32, it is `_argmax_f32`'s scratch), z = Σ block sums in
+    float64. Greedy takes the first maximum of x itself (its weight is e^0 = 1). Sampling takes the
+    first token whose float64 running sum of weights exceeds u·z, scanning block sums first, then
+    the tokens of the block; a token of weight 0 is never chosen. p_sel = float32(w_token / z).
     """
     v = x.shape[0]
     t32 = np.float32(temperature)
-    scaled = temperature > 0.0
-    m = np.float32(-np.inf)
-    best = 0
-    for j in range(v):
-        s = x[j] / t32 if scaled else x[j]
-        if s > m:
-            m = s
-        if x[j] > x[best]:
-            best = j
-    z = 0.0
-    last_positive = 0
-    for j in range(v):
-        s = x[j] / t32 if scaled else x[j]
-        w = 0.0 if s == -np.inf else math.exp(np.float64(s) - np.float64(m))  # filtered tokens
-        weights[j] = w
-        z += w
-        if w > 0.0:
-            last_positive = j
-    token = best
+    scaled = temperature > 0.0 and t32 != np.float32(1.0)  # x / 1 is x
     if sample:
-        target = u * z
-        token = last_positive
-        acc = 0.0
-        for j in range(v):
-            acc += weights[j]
-            if acc > target:
-                token = j
-                break
-    return token, np.float32(weights[token] / z)
+        token, x_max = 0, _max_f32(x)
+    else:
+        token, x_max = _argmax_f32(x, block_sums.view(np.int32))
+    m = x_max / t32 if scaled else x_max
+    _exp_weights(x, t32, scaled, m, weights)
+    n_blocks = _block_sums(weights, block_sums)
+    z = 0.0
+    for k in range(n_blocks):
+        z += np.float64(block_sums[k])
+    if not sample:
+        return token, np.float32(np.float64(weights[token]) / z)
+    target = u * z
+    acc = 0.0
+    start = 0
+    for k in range(n_blocks):
+        s = np.float64(block_sums[k])
+        if acc + s > target:
+            break
+        acc += s
+        start += BLOCK
+    for j in range(start, v):  # within the block (and beyond it, should rounding demand it)
+        acc += np.float64(weights[j])
+        if acc > target:
+            return j, np.float32(np.float64(weights[j]) / z)
+    token = v - 1
+    while token > 0 and not weights[token] > 0.0:  # u·z not reached by rounding: last possible
+        token -= 1
+    return token, np.float32(np.float64(weights[token]) / z)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -308,41 +468,46 @@ def _filter_row(row, top_k, top_p, typical_mass, typical_min_tokens, scratch, d,
 
 
 @numba.njit(nogil=True, cache=True)
-def masked_step(logits, codes, n_cond, mask_id, uniforms, gumbel, n0, step, steps, final, sample,
-                temperature, mask_temperature, top_k, top_p, typical_mass, typical_min_tokens,
-                sampled, conf, row, weights, scratch, d, keys, sort_buf):
-    """One step of upstream `VampNet.generate`, updating `codes` [B, C, T] in place.
+def _choose_positions(logits, codes, n_cond, mask_id, uniforms, gumbel, tau, sample, temperature,
+                      top_k, top_p, typical_mass, typical_min_tokens, sampled, conf, row, weights,
+                      block_sums, scratch, d, keys):
+    """Token (`sampled`) and confidence ln(p_sel) + τ·g (`conf`, float32) of every masked position.
 
-    logits float32 [B, Cp, T, V]; uniforms float64 [B, ≥L] (the first L are the sampling uniforms
-    of positions p = t·Cp + c); gumbel float32 [B, L]; n0 int64 [B] (initial masked count used by
-    the schedule). Filters are off when top_k ≤ 0, top_p ∉ (0, 1), typical_mass ≤ 0. Scratch:
-    sampled int64 [B, L], conf float32 [B, L], row/scratch/d float32 [V], weights float64 [V],
-    keys int64 [V], sort_buf float32 [L]. Only masked positions are sampled (a fixed position has
-    confidence +inf upstream and keeps its token). Afterwards the remask_count(...) least
-    confident of them hold `mask_id` again and the others their sampled token.
+    Positions are visited in the logits' memory order (b, c, t); each result depends on its own
+    position only.
     """
     n_batch, cp, n_frames, _ = logits.shape
-    tau = noise_scale(step, steps, mask_temperature)
     filtering = top_k > 0 or 0.0 < top_p < 1.0 or typical_mass > 0.0
+    for b in range(n_batch):
+        for c in range(cp):
+            for t in range(n_frames):
+                if codes[b, n_cond + c, t] != mask_id:
+                    continue
+                p = t * cp + c
+                if filtering:
+                    row[:] = logits[b, c, t]
+                    _filter_row(row, top_k, top_p, typical_mass, typical_min_tokens, scratch, d, keys)
+                    token, p_sel = _choose_token(row, temperature, sample, uniforms[b, p], weights,
+                                                 block_sums)
+                else:  # a separate call: logits may be read-only, row is not
+                    token, p_sel = _choose_token(logits[b, c, t], temperature, sample, uniforms[b, p],
+                                                 weights, block_sums)
+                sampled[b, p] = token
+                conf[b, p] = np.float32(math.log(np.float64(p_sel))) + tau * gumbel[b, p]
+
+
+@numba.njit(nogil=True, cache=True)
+def _remask(codes, n_cond, mask_id, n0, step, steps, final, sampled, conf, sort_buf):
+    """Commit the masked positions' sampled tokens except the remask_count(...) least confident."""
+    n_batch, n_codebooks, n_frames = codes.shape
+    cp = n_codebooks - n_cond
     for b in range(n_batch):
         n_masked = 0
         for t in range(n_frames):
             for c in range(cp):
-                p = t * cp + c
-                if codes[b, n_cond + c, t] != mask_id:
-                    conf[b, p] = np.inf
-                    continue
-                if filtering:
-                    row[:] = logits[b, c, t]
-                    _filter_row(row, top_k, top_p, typical_mass, typical_min_tokens, scratch, d, keys)
-                    token, p_sel = _choose_token(row, temperature, sample, uniforms[b, p], weights)
-                else:
-                    token, p_sel = _choose_token(logits[b, c, t], temperature, sample, uniforms[b, p], weights)
-                confidence = np.float32(math.log(np.float64(p_sel))) + tau * gumbel[b, p]
-                sampled[b, p] = token
-                conf[b, p] = confidence
-                sort_buf[n_masked] = confidence
-                n_masked += 1
+                if codes[b, n_cond + c, t] == mask_id:
+                    sort_buf[n_masked] = conf[b, t * cp + c]
+                    n_masked += 1
         n_keep = remask_count(step, steps, n0[b], n_masked, final)
         ordered = sort_buf[:n_masked]
         ordered.sort()
@@ -352,3 +517,29 @@ def masked_step(logits, codes, n_cond, mask_id, uniforms, gumbel, n0, step, step
                 p = t * cp + c
                 if codes[b, n_cond + c, t] == mask_id and not conf[b, p] < cut:
                     codes[b, n_cond + c, t] = sampled[b, p]
+
+
+@numba.njit(nogil=True, cache=True)
+def masked_step(logits, codes, n_cond, mask_id, uniforms, gumbel, n0, step, steps, final, sample,
+                temperature, mask_temperature, top_k, top_p, typical_mass, typical_min_tokens,
+                sampled, conf, row, weights, block_sums, scratch, d, keys, sort_buf):
+    """One step of upstream `VampNet.generate`, updating `codes` [B, C, T] in place.
+
+    logits float32 [B, Cp, T, V]; uniforms float64 [B, ≥L] (the first L are the sampling uniforms
+    of positions p = t·Cp + c); gumbel float32 [B, L]; n0 int64 [B] (initial masked count used by
+    the schedule). Filters are off when top_k ≤ 0, top_p ∉ (0, 1), typical_mass ≤ 0. Scratch:
+    sampled int64 [B, L], conf float32 [B, L], row/weights/scratch/d float32 [V], block_sums
+    float32 [⌈V/BLOCK⌉], keys int64 [V], sort_buf float32 [L]. Only masked positions are sampled
+    (a fixed position has confidence +inf upstream and keeps its token). Afterwards the
+    remask_count(...) least confident of them hold `mask_id` again and the others their sampled
+    token.
+
+    Single-threaded on purpose: a prange version (numba parallel=True, positions split among 2
+    threads, same tokens) was slower on the 2-core target machine while other processes ran, and
+    its waiting OpenMP threads slowed the single-threaded work that followed it.
+    """
+    tau = noise_scale(step, steps, mask_temperature)
+    _choose_positions(logits, codes, n_cond, mask_id, uniforms, gumbel, tau, sample, temperature,
+                      top_k, top_p, typical_mass, typical_min_tokens, sampled, conf, row, weights,
+                      block_sums, scratch, d, keys)
+    _remask(codes, n_cond, mask_id, n0, step, steps, final, sampled, conf, sort_buf)
