@@ -107,6 +107,36 @@ def cmd_vamp(args: argparse.Namespace) -> None:
     console.print(_timings_table(str(args.input), [(f"{len(settings.seeds)} variation(s)", result.seconds)]))
 
 
+# -- live ---------------------------------------------------------------------------------------
+
+
+def cmd_live(args: argparse.Namespace) -> None:
+    from .engine.scheduler import VampParams
+    from .live import LiveOptions, run_live
+
+    params = VampParams(preset=args.preset, steps=args.steps, variations=args.variations)
+    params.step_counts()  # validate before starting anything
+    options = LiveOptions(sample_rate=args.rate, block_frames=args.block, channels=args.channels,
+                          input_device=args.input_device, output_device=args.output_device, bpm=args.bpm,
+                          bundle=args.bundle, params=params, crossfade_ms=args.crossfade_ms, dry=args.dry,
+                          record_dir=Path(args.record) if args.record else None, auto_every_loops=args.auto_every)
+    stats = run_live(options, duration_s=args.duration, loop_file=Path(args.loop) if args.loop else None)
+    console.print(f"blocks {stats['blocks']}, xruns {sum(stats['xruns'].values())}, "
+                  f"callback errors {stats['callback_errors']}, callback p99 {stats['callback_p99']:.1%} of a block")
+
+
+def cmd_devices(_args: argparse.Namespace) -> None:
+    from .io.audio import list_devices
+
+    table = Table(title="audio devices")
+    for col in ("index", "name", "host API", "in", "out", "rate"):
+        table.add_column(col)
+    for d in list_devices():
+        table.add_row(str(d.index), d.name, d.hostapi, str(d.max_input_channels), str(d.max_output_channels),
+                      f"{d.default_sample_rate:g}")
+    console.print(table)
+
+
 # -- models --------------------------------------------------------------------------------------
 
 
@@ -263,6 +293,28 @@ def build_parser() -> argparse.ArgumentParser:
     vamp.add_argument("--bundle", help="bundle folder or installed name (default: embedded tiny)")
     vamp.set_defaults(func=cmd_vamp)
 
+    live = sub.add_parser("live", help="play the instrument: sound card in/out, keyboard control")
+    live.add_argument("--input-device", help="index or part of the name (see `rtvamp devices`)")
+    live.add_argument("--output-device", help="index or part of the name")
+    live.add_argument("--rate", type=int, default=44100, help="device sample rate (the model rate is converted in the worker)")
+    live.add_argument("--block", type=int, default=256, help="frames per audio callback")
+    live.add_argument("--channels", type=int, default=2)
+    live.add_argument("--bpm", type=float, default=120.0)
+    live.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    live.add_argument("--steps", default="fast", choices=sorted(STEP_PRESETS))
+    live.add_argument("--variations", type=int, default=2, help="candidates per vamp (n/p to audition)")
+    live.add_argument("--crossfade-ms", type=float, default=20.0)
+    live.add_argument("--dry", type=float, default=1.0, help="input monitoring level")
+    live.add_argument("--record", help="record the session (input and output) into this folder")
+    live.add_argument("--auto-every", type=int, help="vamp the loop automatically every K loops")
+    live.add_argument("--loop", help="start with this audio file as the loop")
+    live.add_argument("--duration", type=float, help="stop after this many seconds (headless)")
+    live.add_argument("--bundle", help="bundle folder or installed name (default: embedded tiny)")
+    live.set_defaults(func=cmd_live)
+
+    devices = sub.add_parser("devices", help="list audio devices")
+    devices.set_defaults(func=cmd_devices)
+
     models = sub.add_parser("models", help="convert, verify, list and download model bundles")
     msub = models.add_subparsers(dest="models_command", required=True)
     conv = msub.add_parser("convert", help="official checkpoints → bundle (needs the convert extra)")
@@ -290,11 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .audio import AudioInputError
     from .bundle import BundleError
+    from .engine.backend import WorkerError
+    from .io.audio import DeviceError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, BundleError, AudioInputError, ValueError, OSError) as exc:
+    except (UserError, BundleError, AudioInputError, DeviceError, WorkerError, ValueError, OSError) as exc:
         console.print(f"[bold red]error[/]: {exc}")
         return 2
     except KeyboardInterrupt:

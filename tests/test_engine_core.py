@@ -28,7 +28,7 @@ def test_recorded_loop_plays_back_from_the_stop_sample():
     core = AudioCore()
     x = noise(SR * 5)
     core.post("record", 1001)
-    core.post("stop_record", 1001 + 70_000)
+    core.post("stop_record", 1001 + 70_000, 1001 + 70_000)
     out = run(core, x, block=300)
     kinds = [e[0] for e in core.events]
     assert kinds == ["recorded"]

@@ -147,7 +147,7 @@ class AudioCore:
         self.dry_gain, self.wet_gain = 0.0, 1.0
         self.monitor = True
         self._swap_at, self._swap_loop, self._swap_anchor = NEVER, None, 0
-        self._rec_start_at, self._rec_stop_at = NEVER, NEVER
+        self._rec_start_at, self._rec_stop_at, self._rec_anchor = NEVER, NEVER, 0
         self._recording_from = -1  # absolute sample the current recording started at, −1 = idle
         self._rec_len = 0
 
@@ -157,8 +157,9 @@ class AudioCore:
         """Queue a command for the audio thread (any thread). Commands:
         ("swap", at_sample, loop [n, ch] float32 or None, anchor_sample) — crossfade to the loop
             (None = to silence) at at_sample; a newer swap replaces a pending one;
-        ("record", at_sample) / ("stop_record", at_sample) — capture the input into a loop;
-            at the stop the loop starts playing, anchored at the stop sample;
+        ("record", at_sample) / ("stop_record", at_sample, anchor_sample) — capture the input
+            into a loop; at the stop the loop starts playing with its phase 0 at anchor_sample
+            (the stop sample, or earlier by the latency compensation);
         ("overdub", bool), ("mute", bool), ("play", bool), ("monitor", bool),
         ("gains", dry, wet) — dry is the input level in the output, wet the loop level;
         ("rebind", old_array, new_array) — replace the playing array by an equal copy (no fade)."""
@@ -182,7 +183,7 @@ class AudioCore:
         elif kind == "record":
             self._rec_start_at = command[1]
         elif kind == "stop_record":
-            self._rec_stop_at = command[1]
+            self._rec_stop_at, self._rec_anchor = command[1], command[2]
         elif kind == "overdub":
             self.overdubbing = bool(command[1])
         elif kind == "mute":
@@ -239,7 +240,7 @@ class AudioCore:
         start = self._recording_from
         self._recording_from = -1
         if loop.shape[0] > 0:
-            self._start_crossfade(loop, t)
+            self._start_crossfade(loop, min(self._rec_anchor, t))
         self.events.append(("recorded", start, t, loop))
 
     def _start_crossfade(self, loop: np.ndarray | None, anchor: int) -> None:

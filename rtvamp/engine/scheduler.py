@@ -106,6 +106,9 @@ class Scheduler:
         self.loop_start_bar = 0
         self.loop_bars = 1
         self.tempo_locked = False
+        self.latency = 0
+        """round-trip latency compensation, samples: what the performer played in time with the
+        grid arrives this much later in the input (set from the sound card's reported latency)"""
         self.messages: list[str] = []
         """human-readable notices for the UI (worker lost, job failed, …), newest last"""
         self._lock = threading.RLock()
@@ -131,7 +134,12 @@ class Scheduler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.poll(timeout_s=0.01)
+            try:
+                self.poll(timeout_s=0.01)
+            except Exception as exc:  # the control thread must outlive any single bad event
+                log.exception("scheduler error")
+                self._note(f"error: {exc}")
+                self._stop.wait(0.5)
 
     def poll(self, timeout_s: float = 0.0) -> None:
         """Handle backend events, audio-thread events and automatic triggers (scheduler thread,
@@ -194,6 +202,11 @@ class Scheduler:
                 return None, (now, now)
             return take.audio, (now, now + take.n_samples)
         start, stop = self.transport.last_bars(now, trigger.bars)
+        if trigger.source == "input":
+            start, stop = start + self.latency, stop + self.latency
+            if stop > now:  # the compensated window has not fully arrived: take the bars before
+                start, stop = self.transport.last_bars(now - self.latency, trigger.bars)
+                start, stop = start + self.latency, stop + self.latency
         ring = self.core.input_ring if trigger.source == "input" else self.core.output_ring
         if start < ring.oldest() or stop <= start:
             return None, (start, stop)
@@ -240,8 +253,10 @@ class Scheduler:
                 return
             job.status = "ok"
             candidates = [np.ascontiguousarray(a, dtype=np.float32) for a in result.audio]
+            parent = self.history.takes.get(job.parent) if job.parent is not None else None
+            bars = parent.bars if job.trigger.source == "loop" and parent is not None else job.trigger.bars
             takes = self.history.add_candidates(candidates, job.id, job.parent, job.seeds,
-                                                job.trigger.params.preset, job.trigger.bars)
+                                                job.trigger.params.preset, bars)
             now = self.core.now
             at = job.target if job.target >= now + self.safety else self._target(now + self.safety, job.trigger.quantize)
             job.swap_at = at
@@ -266,28 +281,42 @@ class Scheduler:
         return self._target(self.core.now + self.safety, quantize or self.loop_quantize)
 
     def record(self, quantize: Quantize | None = None) -> int:
+        """Start capturing a loop at the next boundary (input taken `latency` samples later)."""
         at = self._boundary(quantize)
-        self.core.post("record", at)
+        self.core.post("record", at + self.latency)
         self.events_log.append(("record", at, {}))
         return at
 
     def stop_record(self, quantize: Quantize | None = None) -> int:
+        """End the loop at the next boundary; it plays from there, in phase with the grid."""
         at = self._boundary(quantize)
-        self.core.post("stop_record", at)
+        self.core.post("stop_record", at + self.latency, at)
         return at
+
+    def load_loop(self, audio: np.ndarray, bars: int | None = None, quantize: Quantize | None = None) -> Take:
+        """Play a loop from elsewhere (a file, a saved take) from the next boundary."""
+        audio = np.ascontiguousarray(audio, dtype=np.float32)
+        if audio.ndim != 2 or audio.shape[1] != self.core.config.channels or audio.shape[0] == 0:
+            raise ValueError(f"a loop must be float32 [n > 0, {self.core.config.channels}], got {audio.shape}")
+        bars = bars or max(1, round(audio.shape[0] / float(self.transport.samples_per_bar())))
+        take = self.history.add(audio, "loaded", bars=bars)
+        self.select(take, quantize)
+        return take
 
     def _on_core_event(self, event: tuple) -> None:
         if event[0] == "recorded":
             _, start, stop, view = event
+            start, stop = start - self.latency, stop - self.latency  # back on the grid
             audio = view.copy()
             self.core.post("rebind", view, audio)
-            if not self.tempo_locked:
-                per_bar = float(self.transport.samples_per_bar())
-                bars = max(1, round(audio.shape[0] / per_bar))
-                bpm = self.transport.tempo_from_loop(start, audio.shape[0], bars)
-                self.tempo_locked = True
-                self._note(f"tempo {bpm:.2f} BPM from the first loop ({bars} bars)")
             bars = max(1, round(audio.shape[0] / float(self.transport.samples_per_bar())))
+            if not self.tempo_locked:  # the first loop sets the tempo: it is exactly `bars` bars
+                try:
+                    bpm = self.transport.tempo_from_loop(start, audio.shape[0], bars)
+                    self.tempo_locked = True
+                    self._note(f"tempo {bpm:.2f} BPM from the first loop ({bars} bars)")
+                except ValueError as exc:
+                    self._note(f"tempo unchanged: {exc}")
             self.history.add(audio, "recorded", bars=bars)
             self.loop_bars = bars
             self.loop_start_bar = self.transport.position(stop)[0]

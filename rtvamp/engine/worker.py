@@ -301,8 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", help="bundle folder or installed name (default: the embedded tiny one)")
     parser.add_argument("--max-batch", type=int, default=2, help="most candidates per job")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is no longer the parent")
+    parser.add_argument("--nice", type=int, default=10,
+                        help="lower this process's CPU priority by this much (the audio process comes first)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="rtvamp-worker[%(process)d] %(levelname)s %(message)s")
+    if args.nice:
+        os.nice(args.nice)
     try:
         vamper = Vamper(None if args.bundle is None else resolve_bundle(args.bundle), max_batch=args.max_batch)
         warm_up(vamper)

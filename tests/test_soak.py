@@ -1,0 +1,83 @@
+"""Soak: the whole instrument against a real JACK server (jackd -d dummy, 256-frame periods) for
+60 s, the worker vamping the loop every bar on the tiny model.
+
+On this kind of VM the dummy driver itself misses deadlines now and then — with no client at all,
+and with a C client (jack_metro) — so "0 xruns" cannot be asserted in absolute terms here. The
+test measures that environmental baseline in the same server with a pass-through processor and
+asserts that the engine adds no xruns of its own beyond it (and that its callback stays far
+inside the block period), next to the sample-exact swap and no-click checks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from jack_server import jack_dummy
+from rtvamp.engine.scheduler import VampParams
+from rtvamp.io.audio import SoundCardDriver
+from rtvamp.engine.transport import Quantize
+from rtvamp.live import LiveOptions, LiveSession
+from rtvamp.synth import groove
+
+RATE, BLOCK, SOAK_S, BASELINE_S = 44100, 256, 60.0, 20.0
+BAR = 2 * RATE  # 120 BPM
+
+
+class PassThrough:
+    def process(self, in_block, out_block, frame_time):
+        np.copyto(out_block, in_block)
+
+
+def xrun_rate(stats: dict) -> float:
+    return sum(stats["xruns"].values()) / max(stats["blocks"], 1)
+
+
+def test_sixty_second_soak_vamping_every_bar():
+    with jack_dummy(RATE, BLOCK):
+        baseline_driver = SoundCardDriver(PassThrough(), RATE, BLOCK, 2, "system", "system")
+        with baseline_driver:
+            time.sleep(BASELINE_S)
+        baseline = baseline_driver.stats()
+        options = LiveOptions(sample_rate=RATE, block_frames=BLOCK, input_device="system", output_device="system",
+                              params=VampParams(steps="fast", variations=1), crossfade_ms=10, dry=0.0,
+                              auto_every_loops=1)
+        session = LiveSession(options)
+        try:
+            session.start()
+            loop = np.repeat(groove(bars=1, bpm=120)[:, None], 2, axis=1)
+            session.scheduler.load_loop(loop, bars=1, quantize=Quantize.BAR)
+            time.sleep(SOAK_S)
+            stats = session.driver.stats()
+            core, sched = session.engine.core, session.scheduler
+            end = core.now
+            output = core.output_ring.read(max(core.output_ring.oldest(), end - int(SOAK_S * RATE)), end)
+        finally:
+            session.close()
+    swaps = [sample for kind, sample, _ in sched.events_log if kind == "swapped"]
+    vamps = [j for j in sched.jobs.values() if j.status == "ok"]
+    assert stats["callback_errors"] == 0
+    # the environment's xrun rate swings between runs minutes apart (1 to 16 per 20 s with a
+    # pass-through client): allow a few times the baseline plus 30 per minute, print both
+    print(f"xruns: engine {stats['xruns']} in {stats['blocks']} blocks; baseline {baseline['xruns']} "
+          f"in {baseline['blocks']}; callback p99 {stats['callback_p99']:.3f}, max {stats['callback_max']:.2f}")
+    allowed = 5 * xrun_rate(baseline) + 30 / stats["blocks"]
+    assert xrun_rate(stats) <= allowed, (stats["xruns"], baseline["xruns"])
+    assert stats["callback_p99"] < 0.25, "the engine's callback must leave most of the block free"
+    assert len(vamps) >= SOAK_S / 2 / 2, f"only {len(vamps)} vamps landed"   # at least one every other bar
+    assert all(j.swap_at % BAR == 0 for j in vamps), "every vamp is scheduled on a bar line"
+    scheduled = {j.swap_at for j in vamps}
+    assert set(swaps[1:]) <= scheduled, "swaps happen only where vamps were scheduled (the first is the loaded loop)"
+    assert {at for at in scheduled if at < end - BAR} <= set(swaps), "and every scheduled swap happened"
+    # no discontinuity beyond what the loops themselves hold plus the crossfade's slope
+    fade = int(0.010 * RATE)
+    takes = list(sched.history.takes.values())
+    peak = max(float(np.abs(t.audio).max()) for t in takes)
+    inherent = max(float(np.abs(np.diff(np.concatenate([t.audio, t.audio[:1]]), axis=0)).max()) for t in takes)
+    jumps = np.abs(np.diff(output, axis=0)).max()
+    assert jumps <= inherent + np.pi / (2 * fade) * 2 * peak + 1e-4
+    window = RATE // 10
+    playing = output[max(0, swaps[0] - (end - output.shape[0])):]  # from the loaded loop on
+    tail = playing[:(playing.shape[0] // window) * window].reshape(-1, window, 2)
+    assert np.sqrt((tail ** 2).mean(axis=(1, 2))).min() > 1e-3, "never silent, not even for 100 ms"
