@@ -436,6 +436,8 @@ class MaskPreset:
     onset_mask_width: int = 0
     dropout: float = 0.0
     beat_mask_ms: float = 0.0
+    rand_mask_intensity: float = 1.0
+    """mask density: the probability that a token is regenerated before the prompts are added"""
 
 
 PRESETS: dict[str, MaskPreset] = {
@@ -483,6 +485,7 @@ def preset_mask(
         shape,
         audio=audio,
         rng=rng,
+        rand_mask_intensity=preset.rand_mask_intensity,
         periodic_prompt=preset.periodic_prompt,
         onset_mask_width=preset.onset_mask_width,
         dropout=preset.dropout,

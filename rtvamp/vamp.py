@@ -51,20 +51,27 @@ class VampSettings:
     """What a vamp does. Mask recipe by preset name (see rtvamp.masks.PRESETS) unless `mask` is
     given explicitly to `Vamper.vamp`; sampling per stage; one seed per candidate."""
 
-    preset: str = masks.DEFAULT_PRESET
+    preset: str | masks.MaskPreset = masks.DEFAULT_PRESET
     coarse: SamplingParams = field(default_factory=lambda: SamplingParams(steps=12))
     c2f: SamplingParams = field(default_factory=lambda: SamplingParams(steps=2))
     seeds: tuple[int, ...] = (0,)
 
     @classmethod
     def make(cls, preset: str = masks.DEFAULT_PRESET, steps: str | int = "quality", c2f_steps: int | None = None,
-             temperature: float = 1.0, top_p: float | None = None, seed: int = 0, variations: int = 1) -> VampSettings:
-        """Settings from performer-level knobs (step preset name or coarse step count)."""
+             temperature: float = 1.0, top_p: float | None = None, seed: int = 0, variations: int = 1,
+             periodic_prompt: int | None = None, upper_codebook_mask: int | None = None,
+             mask_density: float | None = None) -> VampSettings:
+        """Settings from performer-level knobs (step preset name or coarse step count); the mask
+        preset's periodic prompt, upper codebook mask and density can be overridden."""
         coarse_steps, c2f_steps = resolve_steps(steps, c2f_steps)
         if preset not in masks.PRESETS:
             raise ValueError(f"unknown mask preset {preset!r}; choose from {', '.join(masks.PRESETS)}")
         if variations < 1:
             raise ValueError("variations must be ≥ 1")
+        overrides = {k: v for k, v in (("periodic_prompt", periodic_prompt), ("upper_codebook_mask", upper_codebook_mask),
+                                       ("rand_mask_intensity", mask_density)) if v is not None}
+        if overrides:
+            preset = replace(masks.PRESETS[preset], **overrides)
         return cls(preset=preset,
                    coarse=SamplingParams(steps=coarse_steps, temperature=temperature, top_p=top_p),
                    c2f=SamplingParams(steps=c2f_steps, temperature=temperature, top_p=top_p),

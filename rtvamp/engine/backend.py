@@ -89,7 +89,8 @@ class WorkerBackend(Protocol):
     def submit(self, audio: np.ndarray, sample_rate: int, *, preset: str, coarse_steps: int, c2f_steps: int,
                temperature: float = 1.0, top_p: float | None = None, seeds: Sequence[int] = (0,),
                beat_times_s: Sequence[float] | None = None, deadline_s: float | None = None,
-               bundle: str | None = None) -> int: ...
+               bundle: str | None = None, periodic_prompt: int | None = None,
+               upper_codebook_mask: int | None = None, mask_density: float | None = None) -> int: ...
 
     def cancel(self, job_id: int) -> None: ...
 
@@ -217,7 +218,8 @@ class LocalWorker:
     def submit(self, audio: np.ndarray, sample_rate: int, *, preset: str, coarse_steps: int, c2f_steps: int,
                temperature: float = 1.0, top_p: float | None = None, seeds: Sequence[int] = (0,),
                beat_times_s: Sequence[float] | None = None, deadline_s: float | None = None,
-               bundle: str | None = None) -> int:
+               bundle: str | None = None, periodic_prompt: int | None = None,
+               upper_codebook_mask: int | None = None, mask_density: float | None = None) -> int:
         """Queue a vamp of audio float32 [n_samples, n_channels] at `sample_rate` (one candidate
         per seed; `deadline_s`: seconds from the worker's receipt) → its job_id.
         Raises ProtocolError (a ValueError) for values the protocol refuses."""
@@ -230,7 +232,9 @@ class LocalWorker:
                   c2f_steps=int(c2f_steps), temperature=float(temperature),
                   top_p=None if top_p is None else float(top_p), seeds=[int(s) for s in seeds],
                   beat_times_s=None if beat_times_s is None else [float(t) for t in beat_times_s],
-                  deadline_s=None if deadline_s is None else float(deadline_s), bundle=bundle)
+                  deadline_s=None if deadline_s is None else float(deadline_s), bundle=bundle,
+                  periodic_prompt=periodic_prompt, upper_codebook_mask=upper_codebook_mask,
+                  mask_density=None if mask_density is None else float(mask_density))
         connection.send(job, audio)
         self._next_job_id += 1
         self._in_flight[job.job_id] = _InFlight(job, time.perf_counter())

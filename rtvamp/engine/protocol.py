@@ -105,6 +105,10 @@ class Job(_Message):
     """seconds from the worker's receipt of the job by which the result should be ready"""
     bundle: str | None = None
     """bundle the engine expects (manifest name); None = whatever the worker serves"""
+    periodic_prompt: Annotated[int, msgspec.Meta(ge=0, le=128)] | None = None
+    upper_codebook_mask: Annotated[int, msgspec.Meta(ge=1, le=14)] | None = None
+    mask_density: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    """overrides of the mask preset (None = the preset's value)"""
 
 
 class Cancel(_Message):

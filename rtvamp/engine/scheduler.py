@@ -45,6 +45,10 @@ class VampParams:
     variations: int = 1
     seed: int | None = None
     """None: a fresh seed per trigger (seed counter)"""
+    periodic_prompt: int | None = None
+    upper_codebook_mask: int | None = None
+    mask_density: float | None = None
+    """overrides of the mask preset (None = the preset's own value)"""
 
     def step_counts(self) -> tuple[int, int]:
         return resolve_steps(self.steps, self.c2f_steps)
@@ -178,7 +182,8 @@ class Scheduler:
             backend_id = self.backend.submit(
                 window_audio, self.sample_rate, preset=p.preset, coarse_steps=coarse_steps, c2f_steps=c2f_steps,
                 temperature=p.temperature, top_p=p.top_p, seeds=seeds, beat_times_s=beat_times,
-                deadline_s=deadline_s)
+                deadline_s=deadline_s, periodic_prompt=p.periodic_prompt, upper_codebook_mask=p.upper_codebook_mask,
+                mask_density=p.mask_density)
             current = self.history.current
             job = JobState(next(self._ids), trigger, backend_id, window, target, now, seeds,
                            current.id if current else None)

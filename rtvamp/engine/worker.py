@@ -89,7 +89,8 @@ def result_frames(task: _Task, identity: Identity, status: str, error: str = "",
 def settings_of(job: Job) -> VampSettings:
     """VampSettings from a Job (raises ValueError for an unknown preset)."""
     settings = VampSettings.make(job.preset, job.coarse_steps, job.c2f_steps, job.temperature, job.top_p,
-                                 seed=job.seeds[0], variations=len(job.seeds))
+                                 seed=job.seeds[0], variations=len(job.seeds), periodic_prompt=job.periodic_prompt,
+                                 upper_codebook_mask=job.upper_codebook_mask, mask_density=job.mask_density)
     return replace(settings, seeds=tuple(job.seeds))
 
 
