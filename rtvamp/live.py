@@ -125,7 +125,10 @@ class LiveSession:
             return False
         action = actions.get(ch)
         if action is not None:
-            action()
+            try:
+                action()
+            except Exception as exc:  # a refused action is a message, never the end of the session
+                s.note(f"{ch!r}: {exc}")
         return True
 
     # -- the live view --------------------------------------------------------------------

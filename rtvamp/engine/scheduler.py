@@ -142,7 +142,7 @@ class Scheduler:
                 self.poll(timeout_s=0.01)
             except Exception as exc:  # the control thread must outlive any single bad event
                 log.exception("scheduler error")
-                self._note(f"error: {exc}")
+                self.note(f"error: {exc}")
                 self._stop.wait(0.5)
 
     def poll(self, timeout_s: float = 0.0) -> None:
@@ -154,7 +154,8 @@ class Scheduler:
             self._on_core_event(self.core.events.popleft())
         self._auto()
 
-    def _note(self, text: str) -> None:
+    def note(self, text: str) -> None:
+        """A notice for the performer (shown by the live view, logged)."""
         log.info(text)
         self.messages.append(text)
         del self.messages[:-20]
@@ -167,7 +168,7 @@ class Scheduler:
             now = self.core.now if now is None else now
             window_audio, window = self._window(trigger, now)
             if window_audio is None:
-                self._note(f"nothing to vamp yet ({trigger.source})")
+                self.note(f"nothing to vamp yet ({trigger.source})")
                 return None
             target = self._target(now + self.safety, trigger.quantize)
             p = trigger.params
@@ -176,7 +177,6 @@ class Scheduler:
             deadline_s = max(0.0, (target - now - self.safety) / self.sample_rate) if self.deadline_mode else None
             if self.active is not None and self.active.status == "running":
                 self.cancel(self.active)
-            bars = trigger.bars
             beat_times = self._beat_times(window)
             coarse_steps, c2f_steps = p.step_counts()
             backend_id = self.backend.submit(
@@ -190,8 +190,8 @@ class Scheduler:
             self.jobs[job.id] = job
             self._by_backend[backend_id] = job
             self.active = job
-            self.events_log.append(("trigger", now, {"job": job.id, "source": trigger.source, "bars": bars,
-                                                      "target": target}))
+            self.events_log.append(("trigger", now, {"job": job.id, "source": trigger.source,
+                                                      "bars": trigger.bars, "target": target}))
             return job
 
     def cancel(self, job: JobState) -> None:
@@ -205,7 +205,8 @@ class Scheduler:
             take = self.history.current
             if take is None:
                 return None, (now, now)
-            return take.audio, (now, now + take.n_samples)
+            start = self.transport.bar_sample(self.loop_start_bar)  # the loop's phase 0 on the grid
+            return take.audio, (start, start + take.n_samples)
         start, stop = self.transport.last_bars(now, trigger.bars)
         if trigger.source == "input":
             start, stop = start + self.latency, stop + self.latency
@@ -239,7 +240,7 @@ class Scheduler:
         elif isinstance(event, JobResult):
             self._on_result(event)
         elif isinstance(event, WorkerLost):
-            self._note(f"worker lost ({event.reason}); a new one is starting")
+            self.note(f"worker lost ({event.reason}); a new one is starting")
 
     def _on_result(self, result: JobResult) -> None:
         with self._lock:
@@ -252,7 +253,7 @@ class Scheduler:
                 job.status = result.status if job.status != "cancelled" else "cancelled"
                 job.error = result.error
                 if result.status == "failed":
-                    self._note(f"vamp {job.id} failed: {result.error}")
+                    self.note(f"vamp {job.id} failed: {result.error}")
                 return
             if job.status == "cancelled":
                 return
@@ -319,9 +320,9 @@ class Scheduler:
                 try:
                     bpm = self.transport.tempo_from_loop(start, audio.shape[0], bars)
                     self.tempo_locked = True
-                    self._note(f"tempo {bpm:.2f} BPM from the first loop ({bars} bars)")
+                    self.note(f"tempo {bpm:.2f} BPM from the first loop ({bars} bars)")
                 except ValueError as exc:
-                    self._note(f"tempo unchanged: {exc}")
+                    self.note(f"tempo unchanged: {exc}")
             self.history.add(audio, "recorded", bars=bars)
             self.loop_bars = bars
             self.loop_start_bar = self.transport.position(stop)[0]
