@@ -2,7 +2,8 @@
 
 Keys (SooperLooper vocabulary): r record / stop recording, o overdub, space play / stop,
 m mute, 1 2 4 vamp the last 1/2/4 bars of the input, l vamp the loop, f vamp the output
-(feedback), n / p next / previous candidate, u undo, y redo, t tap tempo, c clear, q quit.
+(feedback), n / p next / previous candidate, u undo, y redo, [ / ] recall the previous / next
+take, s save the current take, t tap tempo, c clear, q quit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from rich.text import Text
 from .engine.backend import LocalWorker
 from .engine.core import CoreConfig
 from .engine.engine import Engine, EngineConfig
-from .engine.recorder import SessionRecorder
+from .engine.recorder import LoopLibrary, SessionRecorder
 from .engine.scheduler import Trigger, VampParams
 from .engine.transport import Quantize
 from .io.audio import SoundCardDriver
@@ -45,6 +46,8 @@ class LiveOptions:
     """input monitoring level"""
     record_dir: Path | None = None
     auto_every_loops: int | None = None
+    loops_dir: Path = Path("rtvamp-loops")
+    """where `s` saves takes (FLAC + JSON sidecar)"""
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -120,6 +123,7 @@ class LiveSession:
             "f": lambda: self.vamp("output", 2), "n": lambda: s.next_candidate(1),
             "p": lambda: s.next_candidate(-1), "u": s.undo, "y": s.redo,
             "t": lambda: self.engine.transport.tap(core.now), "c": s.clear,
+            "[": lambda: self.recall_step(-1), "]": lambda: self.recall_step(1), "s": self.save_take,
         }
         if ch == "q":
             return False
@@ -130,6 +134,28 @@ class LiveSession:
             except Exception as exc:  # a refused action is a message, never the end of the session
                 s.note(f"{ch!r}: {exc}")
         return True
+
+    def recall_step(self, step: int) -> None:
+        """Recall the take before/after the current one (by take id) at the next boundary."""
+        ids = sorted(self.scheduler.history.takes)
+        current = self.scheduler.history.current
+        if not ids or current is None:
+            return
+        index = min(max(ids.index(current.id) + step, 0), len(ids) - 1)
+        self.scheduler.recall(ids[index])
+
+    def save_take(self) -> Path | None:
+        """Save the current take into the loop library (`loops_dir`)."""
+        take = self.scheduler.history.current
+        if take is None:
+            return None
+        meta = {"source": take.source, "bars": take.bars, "bpm": self.engine.transport.bpm, "seed": take.seed,
+                "preset": take.preset if isinstance(take.preset, str) or take.preset is None else str(take.preset),
+                "candidate": take.candidate, "parent": take.parent}
+        path = LoopLibrary(self.options.loops_dir).save(f"take-{take.id}-{int(time.time())}", take.audio,
+                                                          self.options.sample_rate, meta)
+        self.scheduler.note(f"saved {path}")
+        return path
 
     # -- the live view --------------------------------------------------------------------
 

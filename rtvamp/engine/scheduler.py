@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 from dataclasses import dataclass, field, replace
 
@@ -31,6 +32,20 @@ log = logging.getLogger(__name__)
 SOURCES = ("input", "loop", "output")
 """What a trigger vamps: the last N bars of the input (retrospective capture), the current
 loop, or the last N bars of the output (feedback)."""
+
+
+def raise_thread_priority(priority: int = 1) -> bool:
+    """Best effort: make the calling thread SCHED_FIFO at a low real-time priority.
+
+    The audio callback needs the GIL; a control thread that holds it and is then preempted by
+    another process (the worker, a compiler, a browser) makes the callback wait. At real-time
+    priority 1 — below the audio thread, above every normal process — a control thread runs its
+    short bursts to the end. False where the system does not allow it (no privilege)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        return True
+    except (AttributeError, OSError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,7 @@ class Scheduler:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        raise_thread_priority()
         while not self._stop.is_set():
             try:
                 self.poll(timeout_s=0.01)
