@@ -315,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     devices = sub.add_parser("devices", help="list audio devices")
     devices.set_defaults(func=cmd_devices)
 
+    from .bridge.cli import register_cli as register_bridge
+
+    register_bridge(sub, keys=True)  # serve, ctl, keys
+
     models = sub.add_parser("models", help="convert, verify, list and download model bundles")
     msub = models.add_subparsers(dest="models_command", required=True)
     conv = msub.add_parser("convert", help="official checkpoints → bundle (needs the convert extra)")

@@ -131,6 +131,7 @@ class Scheduler:
         self.messages: list[str] = []
         """human-readable notices for the UI (worker lost, job failed, …), newest last"""
         self._lock = threading.RLock()
+        self._backend_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._seeds = itertools.count(1)
         self._by_backend: dict[int, JobState] = {}
@@ -164,7 +165,9 @@ class Scheduler:
     def poll(self, timeout_s: float = 0.0) -> None:
         """Handle backend events, audio-thread events and automatic triggers (scheduler thread,
         or the file driver's thread in offline renders)."""
-        for event in self.backend.events(timeout_s):
+        with self._backend_lock:  # ZeroMQ sockets are not thread-safe: one caller at a time
+            events = self.backend.events(timeout_s)
+        for event in events:
             self._on_backend_event(event)
         while self.core.events:
             self._on_core_event(self.core.events.popleft())
@@ -195,11 +198,12 @@ class Scheduler:
                 self.cancel(self.active)
             beat_times = self._beat_times(window)
             coarse_steps, c2f_steps = p.step_counts()
-            backend_id = self.backend.submit(
-                window_audio, self.sample_rate, preset=p.preset, coarse_steps=coarse_steps, c2f_steps=c2f_steps,
-                temperature=p.temperature, top_p=p.top_p, seeds=seeds, beat_times_s=beat_times,
-                deadline_s=deadline_s, periodic_prompt=p.periodic_prompt, upper_codebook_mask=p.upper_codebook_mask,
-                mask_density=p.mask_density)
+            with self._backend_lock:
+                backend_id = self.backend.submit(
+                    window_audio, self.sample_rate, preset=p.preset, coarse_steps=coarse_steps,
+                    c2f_steps=c2f_steps, temperature=p.temperature, top_p=p.top_p, seeds=seeds,
+                    beat_times_s=beat_times, deadline_s=deadline_s, periodic_prompt=p.periodic_prompt,
+                    upper_codebook_mask=p.upper_codebook_mask, mask_density=p.mask_density)
             current = self.history.current
             job = JobState(next(self._ids), trigger, backend_id, window, target, now, seeds,
                            current.id if current else None)
@@ -213,7 +217,8 @@ class Scheduler:
     def cancel(self, job: JobState) -> None:
         with self._lock:
             if job.status == "running":
-                self.backend.cancel(job.backend_id)
+                with self._backend_lock:
+                    self.backend.cancel(job.backend_id)
                 job.status = "cancelled"
 
     def _window(self, trigger: Trigger, now: int) -> tuple[np.ndarray | None, tuple[int, int]]:
