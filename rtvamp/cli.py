@@ -119,7 +119,10 @@ def cmd_live(args: argparse.Namespace) -> None:
     options = LiveOptions(sample_rate=args.rate, block_frames=args.block, channels=args.channels,
                           input_device=args.input_device, output_device=args.output_device, bpm=args.bpm,
                           bundle=args.bundle, params=params, crossfade_ms=args.crossfade_ms, dry=args.dry,
-                          record_dir=Path(args.record) if args.record else None, auto_every_loops=args.auto_every)
+                          record_dir=Path(args.record) if args.record else None, auto_every_loops=args.auto_every,
+                          midi_in=args.midi, midi_out=args.midi_out,
+                          midi_map=Path(args.midi_map) if args.midi_map else None, midi_clock=args.midi_clock,
+                          midi_api=args.midi_api)
     stats = run_live(options, duration_s=args.duration, loop_file=Path(args.loop) if args.loop else None)
     console.print(f"blocks {stats['blocks']}, xruns {sum(stats['xruns'].values())}, "
                   f"callback errors {stats['callback_errors']}, callback p99 {stats['callback_p99']:.1%} of a block")
@@ -309,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--auto-every", type=int, help="vamp the loop automatically every K loops")
     live.add_argument("--loop", help="start with this audio file as the loop")
     live.add_argument("--duration", type=float, help="stop after this many seconds (headless)")
+    live.add_argument("--midi", help="MIDI input port: index, part of the name, or virtual[:NAME]")
+    live.add_argument("--midi-out", help="MIDI output port (pad lights; clock when rtvamp is the master)")
+    live.add_argument("--midi-map", help="MIDI map TOML (default: the built-in 16-pad/8-knob map)")
+    live.add_argument("--midi-clock", action="store_true", help="follow MIDI clock on --midi")
+    live.add_argument("--midi-api", help="MIDI system: alsa, jack, … (default: rtmidi's choice)")
     live.add_argument("--bundle", help="bundle folder or installed name (default: embedded tiny)")
     live.set_defaults(func=cmd_live)
 
@@ -318,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bridge.cli import register_cli as register_bridge
 
     register_bridge(sub, keys=True)  # serve, ctl, keys
+
+    from .midi.cli import register_cli as register_midi
+
+    register_midi(sub)  # midi ports, learn, monitor
 
     models = sub.add_parser("models", help="convert, verify, list and download model bundles")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -348,11 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     from .bundle import BundleError
     from .engine.backend import WorkerError
     from .io.audio import DeviceError
+    from .midi import MidiError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, BundleError, AudioInputError, DeviceError, WorkerError, ValueError, OSError) as exc:
+    except (UserError, BundleError, AudioInputError, DeviceError, WorkerError, MidiError, ValueError,
+            OSError) as exc:
         console.print(f"[bold red]error[/]: {exc}")
         return 2
     except KeyboardInterrupt:

@@ -29,6 +29,7 @@ from .engine.recorder import LoopLibrary, SessionRecorder
 from .engine.scheduler import Trigger, VampParams
 from .engine.transport import Quantize
 from .io.audio import SoundCardDriver
+from .midi.control import ParamState
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ class LiveOptions:
     auto_every_loops: int | None = None
     loops_dir: Path = Path("rtvamp-loops")
     """where `s` saves takes (FLAC + JSON sidecar)"""
+    midi_in: str | None = None
+    midi_out: str | None = None
+    midi_map: Path | None = None
+    midi_clock: bool = False
+    """follow MIDI clock on midi_in (else rtvamp sends clock on midi_out)"""
+    midi_api: str | None = None
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -69,6 +76,9 @@ class LiveSession:
         self.engine.core.post("gains", o.dry, 1.0)
         self.scheduler = self.engine.scheduler
         self.scheduler.auto_every_loops = o.auto_every_loops
+        self.params = ParamState(o.params, dry=o.dry, wet=1.0, crossfade_ms=o.crossfade_ms)
+        """the performer's current vamp parameters (keyboard and MIDI knobs share them)"""
+        self.midi = None
         try:
             self.driver = SoundCardDriver(self.engine, o.sample_rate, o.block_frames, o.channels,
                                           o.input_device, o.output_device)
@@ -87,8 +97,15 @@ class LiveSession:
         self.scheduler.latency = self.driver.latency_samples
         if self.recorder is not None:
             self.recorder.start()
+        o = self.options
+        if o.midi_in or o.midi_out:
+            from .midi import attach
+
+            self.midi = attach(self, o.midi_in, o.midi_map, o.midi_out, o.midi_clock, api=o.midi_api)
 
     def close(self) -> None:
+        if self.midi is not None:
+            self.midi.close()
         with contextlib.suppress(Exception):
             self.driver.stop()
         if self.recorder is not None:
@@ -108,7 +125,7 @@ class LiveSession:
     # -- performer actions ----------------------------------------------------------------
 
     def vamp(self, source: str, bars: int = 2) -> None:
-        self.scheduler.trigger(Trigger(source, bars=bars, params=self.options.params))
+        self.scheduler.trigger(Trigger(source, bars=bars, params=self.params.current))
 
     def key(self, ch: str) -> bool:
         """Apply one key; False means quit."""
@@ -179,6 +196,8 @@ class LiveSession:
                          "last vamp", f"{job.wall_latency_s:.2f} s" if job.wall_latency_s else "–")
         grid.add_row("worker", f"pid {self.worker.process.pid if self.worker.process else '–'}, "
                      f"restarts {self.worker.restarts}", "latency comp.", f"{s.latency} samples")
+        if self.midi is not None:
+            grid.add_row("midi", self.midi.status(), "", "")
         notes = Text("\n".join(s.messages[-3:]), style="yellow")
         keys = Text(__doc__.split("\n\n")[1].replace("\n", " "), style="dim")
         return Panel(Group(grid, notes, keys), title="rtvamp live")

@@ -139,3 +139,21 @@ def test_history_undo_redo_candidates_recall():
     assert h.recall(a.id) is a and h.undo() is cands[2]
     with pytest.raises(KeyError):
         h.recall(999)
+
+
+def test_crossfade_length_changes_at_the_next_swap():
+    from rtvamp.engine.core import fade_curves
+
+    core = AudioCore(CoreConfig(crossfade_ms=10))
+    core.post("gains", 0.0, 1.0)
+    core.post("swap", 0, np.ones((SR, 2), np.float32), 0)
+    x = np.zeros((SR, 2), np.float32)
+    run(core, x[:10_000])
+    core.post("crossfade", *fade_curves(40, SR))
+    core.post("swap", 20_000, -np.ones((SR, 2), np.float32), 20_000)
+    out = run(core, x[10_000:40_000], start=10_000)
+    fade = int(0.04 * SR)
+    assert out[20_000 - 10_000 + fade // 2, 0] == pytest.approx(0.0, abs=0.01)   # mid-fade of a 40 ms fade
+    assert np.all(out[20_000 - 10_000 + fade:, 0] == -1.0)
+    with pytest.raises(ValueError, match="5–50 ms"):
+        fade_curves(200, SR)

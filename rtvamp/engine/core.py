@@ -118,6 +118,16 @@ class _GainRamp:
 NEVER = 1 << 62
 
 
+def fade_curves(crossfade_ms: float, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
+    """Equal-power (fade-in, fade-out) curves float32 [n, 1] of crossfade_ms (5–50 ms)."""
+    if not 5.0 <= crossfade_ms <= 50.0:
+        raise ValueError(f"crossfade must be within 5–50 ms, got {crossfade_ms}")
+    n_fade = max(1, int(round(crossfade_ms * sample_rate / 1000)))
+    x = (np.arange(n_fade, dtype=np.float64) + 0.5) / n_fade
+    return (np.sin(0.5 * np.pi * x).astype(np.float32)[:, None],
+            np.cos(0.5 * np.pi * x).astype(np.float32)[:, None])
+
+
 class AudioCore:
     def __init__(self, config: CoreConfig = CoreConfig()) -> None:
         self.config = c = config
@@ -128,10 +138,9 @@ class AudioCore:
         self._rec_index = 0
         self._wet = np.zeros((c.max_block_frames, ch), np.float32)
         self._old = np.zeros((c.max_block_frames, ch), np.float32)
-        n_fade = max(1, int(round(c.crossfade_ms * sr / 1000)))
-        x = (np.arange(n_fade, dtype=np.float64) + 0.5) / n_fade
-        self._fade_in = np.sin(0.5 * np.pi * x).astype(np.float32)[:, None]
-        self._fade_out = np.cos(0.5 * np.pi * x).astype(np.float32)[:, None]
+        self._fade_in, self._fade_out = fade_curves(c.crossfade_ms, sr)
+        self._next_fade: tuple[np.ndarray, np.ndarray] | None = None
+        n_fade = self._fade_in.shape[0]
         self._wet_ramp = _GainRamp(n_fade, c.max_block_frames, 1.0)
         self._dry_ramp = _GainRamp(n_fade, c.max_block_frames, 0.0)
         self._player, self._previous = _Player(), _Player()
@@ -162,6 +171,7 @@ class AudioCore:
             (the stop sample, or earlier by the latency compensation);
         ("overdub", bool), ("mute", bool), ("play", bool), ("monitor", bool),
         ("gains", dry, wet) — dry is the input level in the output, wet the loop level;
+        ("crossfade", fade_in, fade_out) — curves from `fade_curves` for the next swaps;
         ("rebind", old_array, new_array) — replace the playing array by an equal copy (no fade)."""
         self.mailbox.append(command)
 
@@ -194,6 +204,8 @@ class AudioCore:
             self.monitor = bool(command[1])
         elif kind == "gains":
             self.dry_gain, self.wet_gain = float(command[1]), float(command[2])
+        elif kind == "crossfade":
+            self._next_fade = (command[1], command[2])
         elif kind == "rebind" and self._player.loop is command[1]:
             self._player.loop = command[2]
 
@@ -244,6 +256,9 @@ class AudioCore:
         self.events.append(("recorded", start, t, loop))
 
     def _start_crossfade(self, loop: np.ndarray | None, anchor: int) -> None:
+        if self._next_fade is not None:  # a new crossfade length takes effect at the next swap
+            self._fade_in, self._fade_out = self._next_fade
+            self._next_fade = None
         self._previous.loop, self._previous.anchor = self._player.loop, self._player.anchor
         self._player.loop, self._player.anchor = loop, anchor
         self._fade_pos = 0
