@@ -122,7 +122,8 @@ def cmd_live(args: argparse.Namespace) -> None:
                           record_dir=Path(args.record) if args.record else None, auto_every_loops=args.auto_every,
                           midi_in=args.midi, midi_out=args.midi_out,
                           midi_map=Path(args.midi_map) if args.midi_map else None, midi_clock=args.midi_clock,
-                          midi_api=args.midi_api)
+                          midi_api=args.midi_api, backend=args.backend,
+                          keys=Path(args.keys) if args.keys else None)
     stats = run_live(options, duration_s=args.duration, loop_file=Path(args.loop) if args.loop else None)
     console.print(f"blocks {stats['blocks']}, xruns {sum(stats['xruns'].values())}, "
                   f"callback errors {stats['callback_errors']}, callback p99 {stats['callback_p99']:.1%} of a block")
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--midi-clock", action="store_true", help="follow MIDI clock on --midi")
     live.add_argument("--midi-api", help="MIDI system: alsa, jack, … (default: rtmidi's choice)")
     live.add_argument("--bundle", help="bundle folder or installed name (default: embedded tiny)")
+    live.add_argument("--backend", default="local", help="where vamps run: local, tcp://HOST:PORT (rtvamp "
+                      "worker), ray, ray://HOST:PORT or http://HOST:PORT/rtvamp (rtvamp pool)")
+    live.add_argument("--keys", help="CURVE keys folder for --backend tcp://… (default: the per-user one)")
     live.set_defaults(func=cmd_live)
 
     devices = sub.add_parser("devices", help="list audio devices")
@@ -330,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .midi.cli import register_cli as register_midi
 
     register_midi(sub)  # midi ports, learn, monitor
+
+    from .engine.remote_cli import register_cli as register_remote
+
+    register_remote(sub, keys=False)  # worker, pool (the bridge's `keys` writes the same key files)
 
     models = sub.add_parser("models", help="convert, verify, list and download model bundles")
     msub = models.add_subparsers(dest="models_command", required=True)

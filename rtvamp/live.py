@@ -22,7 +22,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .engine.backend import LocalWorker
+from .engine.backends import make_backend
 from .engine.core import CoreConfig
 from .engine.engine import Engine, EngineConfig
 from .engine.recorder import LoopLibrary, SessionRecorder
@@ -55,6 +55,10 @@ class LiveOptions:
     midi_clock: bool = False
     """follow MIDI clock on midi_in (else rtvamp sends clock on midi_out)"""
     midi_api: str | None = None
+    backend: str = "local"
+    """where vamps run (rtvamp.engine.backends.make_backend): local, tcp://…, ray, http://…"""
+    keys: Path | None = None
+    """CURVE keys folder for a tcp:// backend"""
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -70,7 +74,7 @@ class LiveSession:
         self.options = o = options
         core = CoreConfig(sample_rate=o.sample_rate, channels=o.channels, crossfade_ms=o.crossfade_ms,
                           max_block_frames=max(4096, o.block_frames))
-        self.worker = LocalWorker(bundle=o.bundle, max_batch=o.params.variations)
+        self.worker = make_backend(o.backend, bundle=o.bundle, max_batch=o.params.variations, keys=o.keys)
         self.worker.start()
         self.engine = Engine(self.worker, EngineConfig(core=core, bpm=o.bpm))
         self.engine.core.post("gains", o.dry, 1.0)
@@ -194,8 +198,8 @@ class LiveSession:
             progress = f"{job.stage} {job.fraction:.0%}" if job.status == "running" else job.status
             grid.add_row("vamp", f"#{job.id} {job.trigger.source} {progress}",
                          "last vamp", f"{job.wall_latency_s:.2f} s" if job.wall_latency_s else "–")
-        grid.add_row("worker", f"pid {self.worker.process.pid if self.worker.process else '–'}, "
-                     f"restarts {self.worker.restarts}", "latency comp.", f"{s.latency} samples")
+        grid.add_row("worker", f"{self.options.backend}, restarts {self.worker.restarts}",
+                     "latency comp.", f"{s.latency} samples")
         if self.midi is not None:
             grid.add_row("midi", self.midi.status(), "", "")
         notes = Text("\n".join(s.messages[-3:]), style="yellow")

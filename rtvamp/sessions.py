@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 
+def default_providers() -> list[str]:
+    """CUDA first when onnxruntime-gpu provides it (RTVAMP_PROVIDERS=cpu keeps the CPU), then the CPU."""
+    if os.environ.get("RTVAMP_PROVIDERS") != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 def make_session(path: Path, threads: int = 0, providers: list[str] | None = None) -> ort.InferenceSession:
-    """An InferenceSession (threads 0 = onnxruntime's default; providers default to CPU)."""
+    """An InferenceSession (threads 0 = onnxruntime's default; providers: `default_providers()`)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=providers or default_providers())
 
 
 class BoundRunner:

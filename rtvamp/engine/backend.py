@@ -1,16 +1,27 @@
 """The engine side of generation: submit jobs to a worker, collect progress and results.
 
-The scheduler thread (never the audio callback) owns a worker object and calls `submit`,
-`cancel` and `events` on it; the object is not thread-safe. :class:`LocalWorker` runs the
-worker as a child process on an ipc endpoint and restarts it when it dies or goes silent.
-A remote worker will implement the same :class:`WorkerBackend` interface on a tcp endpoint,
-reusing :class:`WorkerConnection`.
+The scheduler thread (never the audio callback) owns a backend object and calls `submit`,
+`cancel` and `events` on it; the object is not thread-safe. Backends (one interface,
+:class:`WorkerBackend`; the engine tells them apart only by latency):
+
+- :class:`LocalWorker` runs the worker as a child process on an ipc endpoint and restarts it
+  when it dies or goes silent;
+- :class:`RemoteWorker` talks to ``rtvamp worker`` on another machine over tcp (CURVE keys),
+  and hands the jobs in flight to a local fallback when that worker is lost;
+- ``rtvamp.cluster.backend.RayBackend`` submits to a Ray Serve pool.
+
+Each backend measures its transfer overhead (submit → result wall time minus the worker's own
+wall time) and takes it off the deadline it sends, so the worker's deadline mode plans for the
+time the result still needs to travel.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,11 +31,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, Union
 
+import msgspec
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from .keys import HANDSHAKE_FAILURES, CurveKeys, KeyPair, handshake_failure, is_loopback, secure_client
 from .protocol import (PROTOCOL_VERSION, Cancel, Connect, Heartbeat, Hello, Job, Progress, ProtocolError, Reply,
                        Request, Result, Shutdown, WorkerInfo, decode_reply, encode)
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT_TIMEOUT_S = 2.0
 """a worker not heard from for this many seconds is lost"""
@@ -32,14 +48,21 @@ HEARTBEAT_TIMEOUT_S = 2.0
 START_TIMEOUT_S = 60.0
 """seconds a starting worker may take to load its bundle, warm up and say Hello"""
 
+CONNECT_TIMEOUT_S = 10.0
+"""seconds a remote worker (already running) may take to answer Connect with Hello"""
+
+OVERHEAD_WINDOW = 16
+"""recent jobs whose median transfer overhead is taken off the next job's deadline"""
+
 
 class WorkerError(RuntimeError):
-    """A worker that cannot be started, or that speaks another protocol version."""
+    """A worker that cannot be started or reached, refuses our keys, or speaks another protocol."""
 
 
 @dataclass(frozen=True)
 class WorkerLost:
-    """The worker died or went silent; its in-flight jobs fail and a new one is starting."""
+    """The worker died or went silent; its in-flight jobs fail (or fall back) and a new one is
+    starting (or being reconnected)."""
 
     reason: str
 
@@ -72,13 +95,15 @@ class LatencySample:
     coarse_steps: int
     c2f_steps: int
     latency_s: float
+    overhead_s: float = 0.0
+    """latency minus the worker's own wall seconds: transfer and (de)serialisation"""
 
 
 Event = Union[Progress, JobResult, WorkerLost]
 
 
 class WorkerBackend(Protocol):
-    """What the scheduler needs from a worker, local or remote."""
+    """What the scheduler needs from a generation backend: local, remote or a pool."""
 
     info: WorkerInfo | None
     restarts: int
@@ -99,16 +124,84 @@ class WorkerBackend(Protocol):
     def close(self) -> None: ...
 
 
-class WorkerConnection:
-    """A DEALER connected to a worker's ROUTER, handshake sent. (CURVE client keys for a remote
-    worker belong here, set on the socket before it connects.)"""
+# -- jobs and latencies (shared by every backend) ----------------------------------------------
 
-    def __init__(self, context: zmq.Context, endpoint: str, client: str) -> None:
+def make_job(job_id: int, audio: np.ndarray, sample_rate: int, *, preset: str, coarse_steps: int, c2f_steps: int,
+             temperature: float = 1.0, top_p: float | None = None, seeds: Sequence[int] = (0,),
+             beat_times_s: Sequence[float] | None = None, deadline_s: float | None = None,
+             bundle: str | None = None, periodic_prompt: int | None = None, upper_codebook_mask: int | None = None,
+             mask_density: float | None = None) -> Job:
+    """The Job message for audio float32 [n_samples, n_channels] (raises ProtocolError, a
+    ValueError, for a shape or values the protocol refuses)."""
+    audio = np.asarray(audio)
+    if audio.ndim != 2:
+        raise ProtocolError(f"audio must be [n_samples, n_channels], got shape {audio.shape}")
+    job = Job(job_id=job_id, n_samples=audio.shape[0], n_channels=audio.shape[1], sample_rate=int(sample_rate),
+              preset=preset, coarse_steps=int(coarse_steps), c2f_steps=int(c2f_steps),
+              temperature=float(temperature), top_p=None if top_p is None else float(top_p),
+              seeds=[int(s) for s in seeds],
+              beat_times_s=None if beat_times_s is None else [float(t) for t in beat_times_s],
+              deadline_s=None if deadline_s is None else float(deadline_s), bundle=bundle,
+              periodic_prompt=periodic_prompt, upper_codebook_mask=upper_codebook_mask,
+              mask_density=None if mask_density is None else float(mask_density))
+    encode(job, audio)  # validates every field against the receiver's constraints
+    return job
+
+
+def job_options(job: Job) -> dict:
+    """The keyword arguments of `WorkerBackend.submit` that describe `job` (to resubmit it)."""
+    fields = ("preset", "coarse_steps", "c2f_steps", "temperature", "top_p", "seeds", "beat_times_s",
+              "deadline_s", "bundle", "periodic_prompt", "upper_codebook_mask", "mask_density")
+    return {name: getattr(job, name) for name in fields}
+
+
+def latency_sample(job: Job, result: Result, latency_s: float) -> LatencySample:
+    """What a finished ok job tells about this backend's speed."""
+    return LatencySample(job.n_samples, job.sample_rate, result.n_candidates, job.coarse_steps, job.c2f_steps,
+                         latency_s, max(0.0, latency_s - sum(result.seconds.values())))
+
+
+def transfer_overhead_s(latencies: Sequence[LatencySample]) -> float:
+    """Median transfer overhead (seconds) of the last OVERHEAD_WINDOW jobs; 0 before any."""
+    recent = list(latencies)[-OVERHEAD_WINDOW:]
+    return statistics.median(s.overhead_s for s in recent) if recent else 0.0
+
+
+def least_seconds(latencies: Sequence[LatencySample], job: Job) -> float | None:
+    """Estimated seconds for the shortest run of `job` a backend can make (one coarse step, as
+    deadline mode may cut it to): measured latencies scaled by audio seconds × candidates ×
+    (coarse steps + C2F steps + 1 for the codec). None before any job was measured."""
+    if not latencies:
+        return None
+
+    def work(seconds: float, candidates: int, coarse: int, c2f: int) -> float:
+        return seconds * candidates * (coarse + c2f + 1)
+
+    least = work(job.n_samples / job.sample_rate, len(job.seeds), 1, job.c2f_steps)
+    return statistics.median(s.latency_s * least / work(s.n_samples / s.sample_rate, s.n_candidates,
+                                                          s.coarse_steps, s.c2f_steps) for s in latencies)
+
+
+class WorkerConnection:
+    """A DEALER connected to a worker's ROUTER, handshake sent. With `keys` it is a CURVE client
+    (the keys are set on the socket before it connects). A monitor reports the connection being
+    dropped and, with keys, the handshake being refused."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, client: str, keys: CurveKeys | None = None) -> None:
         self.endpoint = endpoint
         self.malformed = 0
         """replies dropped because they did not follow the protocol"""
+        self.disconnected = False
+        """the connection was dropped after it was up (the worker died or the network broke)"""
+        self.handshake_error: str | None = None
+        """why the latest security handshake failed (None while none has)"""
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            secure_client(self.socket, keys)
+        self._monitor = self.socket.get_monitor_socket(
+            HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._up = False
         self.socket.connect(endpoint)
         self.send(Connect(protocol=PROTOCOL_VERSION, client=client))
 
@@ -119,7 +212,9 @@ class WorkerConnection:
     def receive(self, timeout_s: float) -> list[tuple[Reply, np.ndarray | None]]:
         """Every reply waiting, after waiting up to `timeout_s` seconds for the first."""
         replies = []
+        self._watch()
         if not self.socket.poll(max(0.0, timeout_s) * 1000):
+            self._watch()
             return replies
         while True:
             try:
@@ -131,7 +226,20 @@ class WorkerConnection:
             except ProtocolError:
                 self.malformed += 1
 
+    def _watch(self) -> None:
+        """Account for the monitor's events (handshakes, disconnections) so far."""
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._up, self.handshake_error = True, None
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.disconnected = self.disconnected or self._up
+            else:
+                self.handshake_error = handshake_failure(event, self.endpoint)
+
     def close(self) -> None:
+        self.socket.disable_monitor()
+        self._monitor.close()
         self.socket.close()
 
 
@@ -142,9 +250,155 @@ class _InFlight:
     job: Job
     submitted: float
     """time.perf_counter() seconds"""
+    audio: np.ndarray | None = None
+    """a copy of the job's audio, kept where the job may be resubmitted elsewhere"""
+    deadline: float | None = None
+    """time.perf_counter() seconds by which the engine wanted the result (None: no deadline)"""
 
 
-class LocalWorker:
+class _ConnectedBackend:
+    """Job bookkeeping over one WorkerConnection: ids, jobs in flight, replies → events, the
+    latency record. Subclasses say when the worker is lost and what happens then."""
+
+    keep_audio = False
+    """whether jobs in flight keep a copy of their audio (to resubmit them elsewhere)"""
+
+    def __init__(self, heartbeat_timeout_s: float) -> None:
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.info: WorkerInfo | None = None
+        """the worker's identity and step costs, from its Hello and latest Heartbeat"""
+        self.restarts = 0
+        self.latencies: deque[LatencySample] = deque(maxlen=256)
+        self._connection: WorkerConnection | None = None
+        self._in_flight: dict[int, _InFlight] = {}
+        self._next_job_id = 1
+        self._last_heard = 0.0
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self, timeout_s: float | None = None) -> WorkerInfo:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def submit(self, audio: np.ndarray, sample_rate: int, *, preset: str, coarse_steps: int, c2f_steps: int,
+               temperature: float = 1.0, top_p: float | None = None, seeds: Sequence[int] = (0,),
+               beat_times_s: Sequence[float] | None = None, deadline_s: float | None = None,
+               bundle: str | None = None, periodic_prompt: int | None = None,
+               upper_codebook_mask: int | None = None, mask_density: float | None = None) -> int:
+        """Queue a vamp of audio float32 [n_samples, n_channels] at `sample_rate` (one candidate
+        per seed; `deadline_s`: seconds from now, of which the measured transfer overhead is
+        kept for the way back) → its job_id. Raises ProtocolError (a ValueError) for values the
+        protocol refuses."""
+        self._started()
+        now = time.perf_counter()
+        sent_deadline = None if deadline_s is None else max(0.0, deadline_s - transfer_overhead_s(self.latencies))
+        job = make_job(self._next_job_id, audio, sample_rate, preset=preset, coarse_steps=coarse_steps,
+                       c2f_steps=c2f_steps, temperature=temperature, top_p=top_p, seeds=seeds,
+                       beat_times_s=beat_times_s, deadline_s=sent_deadline, bundle=bundle,
+                       periodic_prompt=periodic_prompt, upper_codebook_mask=upper_codebook_mask,
+                       mask_density=mask_density)
+        self._next_job_id += 1
+        flight = _InFlight(job, now, np.array(audio, np.float32) if self.keep_audio else None,
+                           None if deadline_s is None else now + deadline_s)
+        self._dispatch(flight, np.asarray(audio))
+        return job.job_id
+
+    def cancel(self, job_id: int) -> None:
+        """Ask to cancel a job; its Result (usually "cancelled") still arrives through `events`."""
+        if job_id in self._in_flight:
+            self._started().send(Cancel(job_id=job_id))
+
+    def events(self, timeout_s: float = 0.0) -> list[Event]:
+        """Progress, results and losses since the last call, waiting up to `timeout_s` seconds
+        for the first message."""
+        out: list[Event] = []
+        for message, audio in self._started().receive(timeout_s):
+            event = self._take(message, audio)
+            if event is not None:
+                out.append(event)
+        reason = self._lost_reason()
+        if reason is not None:
+            out.extend(self._recover(reason))
+        return out
+
+    @property
+    def endpoint(self) -> str | None:
+        """the current worker's endpoint, None before `start`"""
+        return None if self._connection is None else self._connection.endpoint
+
+    @property
+    def in_flight(self) -> list[int]:
+        """job_ids submitted and not yet answered"""
+        return list(self._in_flight)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _dispatch(self, flight: _InFlight, audio: np.ndarray) -> None:
+        """Send a new job to the worker and track it."""
+        self._started().send(flight.job, audio)
+        self._in_flight[flight.job.job_id] = flight
+
+    def _started(self) -> WorkerConnection:
+        if self._connection is None:
+            raise WorkerError("start() the worker first")
+        return self._connection
+
+    def _lost_reason(self) -> str | None:
+        raise NotImplementedError
+
+    def _recover(self, reason: str) -> list[Event]:
+        raise NotImplementedError
+
+    def _take(self, message: Reply, audio: np.ndarray | None) -> Progress | JobResult | None:
+        """Account for one reply; the event it makes for the scheduler, if any."""
+        self._last_heard = time.monotonic()
+        if isinstance(message, Hello):
+            if message.protocol != PROTOCOL_VERSION:
+                raise WorkerError(f"the worker speaks protocol {message.protocol}, this engine {PROTOCOL_VERSION}")
+            self._hello(message.worker)
+        elif isinstance(message, Heartbeat):
+            self.info = message.worker
+        elif isinstance(message, Progress):
+            return message if message.job_id in self._in_flight else None
+        elif isinstance(message, Result):
+            return self._finish(message, audio)
+        return None
+
+    def _hello(self, info: WorkerInfo) -> None:
+        self.info = info
+
+    def _finish(self, result: Result, audio: np.ndarray) -> JobResult | None:
+        flight = self._in_flight.pop(result.job_id, None)
+        if flight is None:
+            return None
+        latency = time.perf_counter() - flight.submitted
+        if result.status == "ok":
+            self.latencies.append(latency_sample(flight.job, result, latency))
+        return JobResult(result.job_id, result.status, result.error, audio.copy(), result.sample_rate,
+                         dict(result.seconds), latency, result.worker)
+
+    def _fail_in_flight(self, error: str) -> list[Event]:
+        """A failed JobResult for every job in flight, which are then forgotten."""
+        now = time.perf_counter()
+        failed: list[Event] = [failed_result(job_id, error, now - flight.submitted, self.info)
+                               for job_id, flight in self._in_flight.items()]
+        self._in_flight.clear()
+        return failed
+
+
+def failed_result(job_id: int, error: str, latency_s: float, worker: WorkerInfo | None) -> JobResult:
+    """A "failed" JobResult that no worker sent (the worker was lost or unreachable)."""
+    return JobResult(job_id, "failed", error, np.zeros((0, 0, 0), np.float32), 0, {}, latency_s, worker)
+
+
+class LocalWorker(_ConnectedBackend):
     """A worker child process on a private ipc endpoint, restarted when lost.
 
     `start()` spawns it and waits for its Hello; after that, `events()` also watches it: when
@@ -155,29 +409,14 @@ class LocalWorker:
 
     def __init__(self, bundle: str | None = None, max_batch: int = 2,
                  heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S, start_timeout_s: float = START_TIMEOUT_S) -> None:
+        super().__init__(heartbeat_timeout_s)
         self.bundle, self.max_batch = bundle, max_batch
-        self.heartbeat_timeout_s = heartbeat_timeout_s
         self.start_timeout_s = start_timeout_s
         """seconds a new process may take to say Hello (at `start` and after a restart)"""
-        self.info: WorkerInfo | None = None
-        """the worker's identity and step costs, from its Hello and latest Heartbeat"""
-        self.restarts = 0
-        self.latencies: deque[LatencySample] = deque(maxlen=256)
         self.process: subprocess.Popen | None = None
         self._dir = tempfile.mkdtemp(prefix="rtvamp-worker-")
         self._context = zmq.Context()
-        self._connection: WorkerConnection | None = None
-        self._in_flight: dict[int, _InFlight] = {}
-        self._next_job_id = 1
         self._spawns = 0
-        self._last_heard = 0.0
-
-    def __enter__(self) -> LocalWorker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -213,67 +452,7 @@ class LocalWorker:
         self._context.term()
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    # -- jobs --------------------------------------------------------------------------------
-
-    def submit(self, audio: np.ndarray, sample_rate: int, *, preset: str, coarse_steps: int, c2f_steps: int,
-               temperature: float = 1.0, top_p: float | None = None, seeds: Sequence[int] = (0,),
-               beat_times_s: Sequence[float] | None = None, deadline_s: float | None = None,
-               bundle: str | None = None, periodic_prompt: int | None = None,
-               upper_codebook_mask: int | None = None, mask_density: float | None = None) -> int:
-        """Queue a vamp of audio float32 [n_samples, n_channels] at `sample_rate` (one candidate
-        per seed; `deadline_s`: seconds from the worker's receipt) → its job_id.
-        Raises ProtocolError (a ValueError) for values the protocol refuses."""
-        connection = self._started()
-        audio = np.asarray(audio)
-        if audio.ndim != 2:
-            raise ProtocolError(f"audio must be [n_samples, n_channels], got shape {audio.shape}")
-        job = Job(job_id=self._next_job_id, n_samples=audio.shape[0], n_channels=audio.shape[1],
-                  sample_rate=int(sample_rate), preset=preset, coarse_steps=int(coarse_steps),
-                  c2f_steps=int(c2f_steps), temperature=float(temperature),
-                  top_p=None if top_p is None else float(top_p), seeds=[int(s) for s in seeds],
-                  beat_times_s=None if beat_times_s is None else [float(t) for t in beat_times_s],
-                  deadline_s=None if deadline_s is None else float(deadline_s), bundle=bundle,
-                  periodic_prompt=periodic_prompt, upper_codebook_mask=upper_codebook_mask,
-                  mask_density=None if mask_density is None else float(mask_density))
-        connection.send(job, audio)
-        self._next_job_id += 1
-        self._in_flight[job.job_id] = _InFlight(job, time.perf_counter())
-        return job.job_id
-
-    def cancel(self, job_id: int) -> None:
-        """Ask to cancel a job; its Result (usually "cancelled") still arrives through `events`."""
-        if job_id in self._in_flight:
-            self._started().send(Cancel(job_id=job_id))
-
-    def events(self, timeout_s: float = 0.0) -> list[Event]:
-        """Progress, results and losses since the last call, waiting up to `timeout_s` seconds
-        for the first message."""
-        out: list[Event] = []
-        for message, audio in self._started().receive(timeout_s):
-            event = self._take(message, audio)
-            if event is not None:
-                out.append(event)
-        reason = self._lost_reason()
-        if reason is not None:
-            out.extend(self._recover(reason))
-        return out
-
-    @property
-    def endpoint(self) -> str | None:
-        """the current worker process's endpoint (ipc://…), None before `start`"""
-        return None if self._connection is None else self._connection.endpoint
-
-    @property
-    def in_flight(self) -> list[int]:
-        """job_ids submitted and not yet answered"""
-        return list(self._in_flight)
-
     # -- internals ---------------------------------------------------------------------------
-
-    def _started(self) -> WorkerConnection:
-        if self._connection is None:
-            raise WorkerError("start() the worker first")
-        return self._connection
 
     def _spawn(self) -> None:
         """Start a worker process on a fresh endpoint and connect to it."""
@@ -298,33 +477,6 @@ class LocalWorker:
             self.process.kill()
             self.process.wait()
 
-    def _take(self, message: Reply, audio: np.ndarray | None) -> Progress | JobResult | None:
-        """Account for one reply; the event it makes for the scheduler, if any."""
-        self._last_heard = time.monotonic()
-        if isinstance(message, Hello):
-            if message.protocol != PROTOCOL_VERSION:
-                raise WorkerError(f"the worker speaks protocol {message.protocol}, this engine {PROTOCOL_VERSION}")
-            self.info = message.worker
-        elif isinstance(message, Heartbeat):
-            self.info = message.worker
-        elif isinstance(message, Progress):
-            return message if message.job_id in self._in_flight else None
-        elif isinstance(message, Result):
-            return self._finish(message, audio)
-        return None
-
-    def _finish(self, result: Result, audio: np.ndarray) -> JobResult | None:
-        flight = self._in_flight.pop(result.job_id, None)
-        if flight is None:
-            return None
-        latency = time.perf_counter() - flight.submitted
-        job = flight.job
-        if result.status == "ok":
-            self.latencies.append(LatencySample(job.n_samples, job.sample_rate, result.n_candidates,
-                                                job.coarse_steps, job.c2f_steps, latency))
-        return JobResult(result.job_id, result.status, result.error, audio.copy(), result.sample_rate,
-                         dict(result.seconds), latency, result.worker)
-
     def _lost_reason(self) -> str | None:
         code = self.process.poll()
         if code is not None:
@@ -338,11 +490,7 @@ class LocalWorker:
 
     def _recover(self, reason: str) -> list[Event]:
         """WorkerLost, a failed JobResult per job in flight; then a new worker process."""
-        now = time.perf_counter()
-        lost: list[Event] = [WorkerLost(reason)]
-        lost += [JobResult(job_id, "failed", f"worker lost: {reason}", np.zeros((0, 0, 0), np.float32), 0, {},
-                           now - flight.submitted, self.info) for job_id, flight in self._in_flight.items()]
-        self._in_flight.clear()
+        lost: list[Event] = [WorkerLost(reason), *self._fail_in_flight(f"worker lost: {reason}")]
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
@@ -350,3 +498,188 @@ class LocalWorker:
         self._spawn()
         self.restarts += 1
         return lost
+
+
+class RemoteWorker(_ConnectedBackend):
+    """``rtvamp worker`` on another machine, over tcp with CURVE, with a local fallback.
+
+    `start()` connects and waits for the worker's Hello (its providers and measured step costs
+    are then in `info`); a refused key or a wrong server key is a WorkerError that says which.
+    The worker is lost when the connection drops or it is silent for `heartbeat_timeout_s`
+    seconds: `events()` then reports :class:`WorkerLost` once, and each job in flight is
+    resubmitted to `fallback` when its deadline still leaves the fallback enough time
+    (:func:`least_seconds` from the fallback's measured latencies; always before it has any),
+    else it ends as a failed JobResult saying why. Until the worker says Hello again (it is
+    reconnected automatically; `restarts` counts the returns) new jobs go to the fallback, or
+    fail at once without one. The fallback is started by `start()` if it is not yet, and closed
+    by `close()`. Without keys only a loopback endpoint is allowed (e.g. an SSH tunnel).
+    """
+
+    keep_audio = True
+
+    def __init__(self, endpoint: str, server_public_key: bytes | None = None, client_keys: KeyPair | None = None,
+                 fallback: LocalWorker | None = None, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        super().__init__(heartbeat_timeout_s)
+        if (server_public_key is None) != (client_keys is None):
+            raise ValueError("CURVE needs both the server's public key and this client's keypair, or neither")
+        if server_public_key is None and not is_loopback(endpoint):
+            raise WorkerError(f"refusing to send audio to {endpoint} unencrypted: give CURVE keys (`rtvamp keys`), "
+                              "or reach the worker through a loopback endpoint (an SSH tunnel)")
+        self.remote_endpoint = endpoint
+        self.fallback = fallback
+        self.connect_timeout_s = connect_timeout_s
+        self.connected = False
+        """the worker has said Hello and is not lost since"""
+        self.fallbacks = 0
+        """jobs handed to the fallback (lost in flight, or submitted while the worker was away)"""
+        self._keys = None if server_public_key is None else CurveKeys(client_keys, server_public=server_public_key)
+        self._context = zmq.Context()
+        self._on_fallback: dict[int, tuple[int, float]] = {}
+        """fallback job_id → (our job_id, submitted time.perf_counter() seconds)"""
+        self._pending: list[Event] = []
+        self._ever_connected = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, timeout_s: float | None = None) -> WorkerInfo:
+        """Connect (and start the fallback); wait up to `timeout_s` seconds (default
+        `connect_timeout_s`) for the worker's Hello. Raises WorkerError when the handshake is
+        refused, the server key is wrong, or no Hello comes."""
+        if self._connection is not None:
+            raise WorkerError("this worker was started already")
+        timeout_s = self.connect_timeout_s if timeout_s is None else timeout_s
+        self._connect()
+        if self.fallback is not None and self.fallback.endpoint is None:
+            self.fallback.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.connected:
+            for message, _ in self._connection.receive(0.05):
+                self._take(message, None)
+            error = self._connection.handshake_error
+            if error is not None or time.monotonic() > deadline:
+                self.close()
+                raise WorkerError(error or f"no Hello from {self.remote_endpoint} within {timeout_s:.0f} s: is "
+                                  "`rtvamp worker` running there and reachable (firewall, address, port)?")
+        return self.info
+
+    def close(self) -> None:
+        """Close the connection and the fallback (the remote worker keeps running)."""
+        if self._context.closed:
+            return
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        self._context.term()
+        if self.fallback is not None:
+            self.fallback.close()
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def cancel(self, job_id: int) -> None:
+        """Ask to cancel a job, wherever it runs; its Result still arrives through `events`."""
+        for fallback_id, (ours, _) in self._on_fallback.items():
+            if ours == job_id:
+                self.fallback.cancel(fallback_id)
+                return
+        super().cancel(job_id)
+
+    def events(self, timeout_s: float = 0.0) -> list[Event]:
+        """Progress, results and losses of the remote worker and of the fallback."""
+        out, self._pending = self._pending, []
+        wait_on_fallback = bool(self._on_fallback) and not self._in_flight
+        out += super().events(0.0 if wait_on_fallback else timeout_s)
+        if self.fallback is not None:
+            out += self._from_fallback(self.fallback.events(timeout_s if wait_on_fallback else 0.0))
+        return out
+
+    @property
+    def in_flight(self) -> list[int]:
+        """job_ids submitted and not yet answered (on the worker or on the fallback)"""
+        return [*self._in_flight, *(ours for ours, _ in self._on_fallback.values())]
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """A new connection (a new DEALER: the worker's replies to an older one are dropped)."""
+        if self._connection is not None:
+            self._connection.close()
+        self._connection = WorkerConnection(self._context, self.remote_endpoint, f"engine-{os.getpid()}", self._keys)
+        self._last_heard = time.monotonic()
+
+    def _dispatch(self, flight: _InFlight, audio: np.ndarray) -> None:
+        if self.connected:
+            super()._dispatch(flight, audio)
+        elif self.fallback is not None:
+            self._to_fallback(flight)
+        else:
+            self._pending.append(failed_result(flight.job.job_id, f"the remote worker at {self.remote_endpoint} is "
+                                               "unreachable and there is no local fallback", 0.0, self.info))
+
+    def _hello(self, info: WorkerInfo) -> None:
+        super()._hello(info)
+        if not self.connected:
+            if self._ever_connected:
+                self.restarts += 1
+                log.info("remote worker at %s is back", self.remote_endpoint)
+            self.connected = self._ever_connected = True
+
+    def _lost_reason(self) -> str | None:
+        if not self.connected:
+            return None
+        if self._connection.disconnected:
+            return f"the connection to {self.remote_endpoint} dropped"
+        silence = time.monotonic() - self._last_heard
+        if silence > self.heartbeat_timeout_s:
+            return f"no word from the remote worker at {self.remote_endpoint} for {silence:.1f} s"
+        return None
+
+    def _recover(self, reason: str) -> list[Event]:
+        """WorkerLost; each job in flight to the fallback or failed; then reconnect."""
+        log.warning("remote worker lost: %s", reason)
+        out: list[Event] = [WorkerLost(reason)]
+        now = time.perf_counter()
+        for flight in self._in_flight.values():
+            why_not = self._why_not_fallback(flight, now)
+            if why_not is None:
+                self._to_fallback(flight)
+            else:
+                out.append(failed_result(flight.job.job_id, f"remote worker lost ({reason}); {why_not}",
+                                         now - flight.submitted, self.info))
+        self._in_flight.clear()
+        self.connected = False
+        self._connect()
+        return out
+
+    def _why_not_fallback(self, flight: _InFlight, now: float) -> str | None:
+        """None when the job can go to the fallback, else why not."""
+        if self.fallback is None:
+            return "no local fallback"
+        if flight.deadline is None:
+            return None
+        left = flight.deadline - now
+        need = least_seconds(self.fallback.latencies, flight.job)
+        if left <= 0.0 or (need is not None and need > left):
+            return (f"its deadline leaves {max(left, 0.0):.2f} s, the local fallback needs "
+                    f"{'?' if need is None else f'{need:.2f}'} s")
+        return None
+
+    def _to_fallback(self, flight: _InFlight) -> None:
+        options = job_options(flight.job)
+        options["deadline_s"] = None if flight.deadline is None else max(0.0, flight.deadline - time.perf_counter())
+        fallback_id = self.fallback.submit(flight.audio, flight.job.sample_rate, **options)
+        self._on_fallback[fallback_id] = (flight.job.job_id, flight.submitted)
+        self.fallbacks += 1
+
+    def _from_fallback(self, events: list[Event]) -> list[Event]:
+        """The fallback's events under our job ids (events of no job of ours are dropped)."""
+        out: list[Event] = []
+        for event in events:
+            if isinstance(event, WorkerLost):
+                out.append(WorkerLost(f"local fallback: {event.reason}"))
+            elif isinstance(event, Progress) and event.job_id in self._on_fallback:
+                out.append(msgspec.structs.replace(event, job_id=self._on_fallback[event.job_id][0]))
+            elif isinstance(event, JobResult) and event.job_id in self._on_fallback:
+                ours, submitted = self._on_fallback.pop(event.job_id)
+                out.append(dataclasses.replace(event, job_id=ours, latency_s=time.perf_counter() - submitted))
+        return out

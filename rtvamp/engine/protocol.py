@@ -71,7 +71,7 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     bundle: str
     """the bundle's manifest name (or folder when unnamed)"""
     providers: list[str]
-    """onnxruntime execution providers available to the worker"""
+    """onnxruntime execution providers the worker's sessions use, preferred first"""
     max_batch: int
     """most candidates (seeds) per job"""
     step_seconds: dict[str, float] = {}
@@ -139,6 +139,8 @@ class Heartbeat(_Message):
     busy: bool
     malformed: Annotated[int, msgspec.Meta(ge=0)] = 0
     """messages the worker has dropped because they did not follow this protocol"""
+    refused: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """connections the worker has refused in the CURVE handshake (unknown or wrong keys)"""
 
 
 class Progress(_Message):
@@ -219,7 +221,8 @@ def _decode(frames: Sequence[Buffer], decoder: msgspec.msgpack.Decoder) -> tuple
         raise ProtocolError("empty message")
     try:
         message = decoder.decode(frames[0])
-    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError is a DecodeError;
+        # invalid UTF-8 in a map key raises UnicodeDecodeError
         raise ProtocolError(f"bad header: {exc}") from None
     shape = _audio_shape(message)
     expected = 1 if shape is None else 2

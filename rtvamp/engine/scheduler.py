@@ -165,8 +165,12 @@ class Scheduler:
     def poll(self, timeout_s: float = 0.0) -> None:
         """Handle backend events, audio-thread events and automatic triggers (scheduler thread,
         or the file driver's thread in offline renders)."""
-        with self._backend_lock:  # ZeroMQ sockets are not thread-safe: one caller at a time
-            events = self.backend.events(timeout_s)
+        with self._backend_lock:  # ZeroMQ sockets are not thread-safe: one caller at a time,
+            events = self.backend.events(0.0)  # and never waiting inside the lock (a trigger
+        if not events and timeout_s > 0:       # from another thread would starve behind us)
+            self._stop.wait(timeout_s)
+            with self._backend_lock:
+                events = self.backend.events(0.0)
         for event in events:
             self._on_backend_event(event)
         while self.core.events:
@@ -261,7 +265,7 @@ class Scheduler:
         elif isinstance(event, JobResult):
             self._on_result(event)
         elif isinstance(event, WorkerLost):
-            self.note(f"worker lost ({event.reason}); a new one is starting")
+            self.note(f"worker lost ({event.reason}); reconnecting or starting a new one")
 
     def _on_result(self, result: JobResult) -> None:
         with self._lock:

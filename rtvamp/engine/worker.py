@@ -3,7 +3,10 @@
 Generation runs here, not in the audio process, so the audio callback never competes for this
 process's GIL (docs/realtime.md, rule 2). Sockets (see :mod:`rtvamp.engine.protocol`):
 
-- a ROUTER bound at ENDPOINT, owned by the main thread: engines connect DEALERs to it;
+- a ROUTER bound at ENDPOINT, owned by the main thread: engines connect DEALERs to it; with
+  ``--curve-keys DIR`` it is a CURVE server that accepts only the client keys in DIR/authorized/
+  (a ZAP handler thread checks them; refused handshakes are counted and reported in every
+  Heartbeat). A tcp:// endpoint that other machines can reach is refused without keys;
 - an inproc PAIR ("outbox"): the job thread hands its encoded Progress and Result frames
   (routing identity first) to the main thread, which forwards them on the ROUTER.
 
@@ -27,9 +30,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnxruntime
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ..bundle import resolve_bundle
 from ..vamp import Vamper, VampResult, VampSettings
+from .keys import (HANDSHAKE_FAILURES, CurveKeys, is_loopback, keys_dir, load_keys, secure_server,
+                   start_authenticator)
 from .protocol import (MAX_AUDIO_BYTES, PROTOCOL_VERSION, Buffer, Cancel, Connect, Heartbeat, Hello, Job,
                        Progress, ProtocolError, Result, Shutdown, WorkerInfo, decode_request, encode)
 
@@ -59,6 +65,14 @@ class _Task:
     received: float
 
 
+def providers_in_use(vamper: Vamper) -> list[str]:
+    """The onnxruntime execution providers the Vamper's four sessions use, preferred first
+    (e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"])."""
+    sessions: list[onnxruntime.InferenceSession] = [
+        vamper.codec._encoder, vamper.codec._decoder, vamper.coarse._runner.session, vamper.c2f._runner.session]
+    return list(dict.fromkeys(p for s in sessions for p in s.get_providers()))
+
+
 class Identity:
     """This worker's WorkerInfo, with the Vamper's current step costs."""
 
@@ -66,24 +80,56 @@ class Identity:
         self.vamper = vamper
         self.host = socket.gethostname()
         self.bundle = vamper.manifest.name or str(vamper.bundle.root)
-        self.providers = list(onnxruntime.get_available_providers())
+        self.providers = providers_in_use(vamper)
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(host=self.host, pid=os.getpid(), bundle=self.bundle, providers=self.providers,
                           max_batch=self.vamper.max_batch, step_seconds=dict(self.vamper.step_seconds))
 
 
-def result_frames(task: _Task, identity: Identity, status: str, error: str = "",
-                  vamped: VampResult | None = None, seconds: dict[str, float] | None = None) -> list[Buffer]:
-    """[peer, header, audio] of a job's Result (audio empty unless status is ok)."""
+def make_result(job: Job, identity: Identity, status: str, error: str = "", vamped: VampResult | None = None,
+                seconds: dict[str, float] | None = None) -> tuple[Result, np.ndarray | None]:
+    """A job's Result header and its audio (None unless status is ok)."""
     if vamped is None:
-        result = Result(job_id=task.job.job_id, status=status, worker=identity.info(), error=error,
-                        seconds=seconds or {})
-        return [task.peer, *encode(result)]
+        return Result(job_id=job.job_id, status=status, worker=identity.info(), error=error,
+                      seconds=seconds or {}), None
     k, n, ch = vamped.audio.shape
-    result = Result(job_id=task.job.job_id, status=status, worker=identity.info(), n_candidates=k,
-                    n_samples=n, n_channels=ch, sample_rate=vamped.sample_rate, seconds=seconds or {})
-    return [task.peer, *encode(result, vamped.audio)]
+    return Result(job_id=job.job_id, status=status, worker=identity.info(), n_candidates=k, n_samples=n,
+                  n_channels=ch, sample_rate=vamped.sample_rate, seconds=seconds or {}), vamped.audio
+
+
+def result_frames(task: _Task, identity: Identity, status: str, error: str = "") -> list[Buffer]:
+    """[peer, header] of a job's Result without audio (cancelled or failed before it ran)."""
+    return [task.peer, *encode(make_result(task.job, identity, status, error)[0])]
+
+
+def run_job(identity: Identity, job: Job, audio: np.ndarray, received: float,
+            progress: Callable[[str, float], None], cancelled: Callable[[], bool]) -> tuple[Result, np.ndarray | None]:
+    """Vamp one job on `identity.vamper` → its Result and audio. Never raises for a bad job.
+
+    `received`: time.perf_counter() seconds of the job's arrival (the deadline counts from it);
+    `progress` is the Vamper's callback and may raise :class:`Cancelled`; `cancelled()` is
+    asked once more after the last stage."""
+    start = time.perf_counter()
+    seconds = {"queued": start - received}
+    try:
+        if job.bundle is not None and job.bundle != identity.bundle:
+            raise ValueError(f"this worker serves bundle {identity.bundle!r}, not {job.bundle!r}")
+        finish_by = None if job.deadline_s is None else received + job.deadline_s
+        vamped = identity.vamper.vamp(audio, job.sample_rate, settings_of(job), beat_times_s=job.beat_times_s,
+                                      finish_by=finish_by, progress=progress)
+    except Cancelled:
+        return make_result(job, identity, "cancelled", seconds=seconds)
+    except ValueError as exc:  # AudioInputError, BundleError, bad settings: the user's message
+        log.info("job %d failed: %s", job.job_id, exc)
+        return make_result(job, identity, "failed", str(exc) or type(exc).__name__, seconds=seconds)
+    except Exception as exc:
+        log.exception("job %d failed", job.job_id)
+        return make_result(job, identity, "failed", f"{type(exc).__name__}: {exc}", seconds=seconds)
+    seconds.update(vamped.seconds)
+    if cancelled():
+        return make_result(job, identity, "cancelled", seconds=seconds)
+    return make_result(job, identity, "ok", vamped=vamped, seconds=seconds)
 
 
 def settings_of(job: Job) -> VampSettings:
@@ -100,7 +146,6 @@ class JobThread(threading.Thread):
     def __init__(self, identity: Identity, context: zmq.Context, outbox: str) -> None:
         super().__init__(name="rtvamp-job", daemon=True)
         self.identity = identity
-        self.vamper = identity.vamper
         self._context, self._outbox_address = context, outbox
         self._cond = threading.Condition()
         self._queue: deque[_Task] = deque()
@@ -162,27 +207,9 @@ class JobThread(threading.Thread):
 
     def _run_task(self, task: _Task, outbox: zmq.Socket) -> list[Buffer]:
         """Vamp one job → its Result frames. Never raises for a bad job."""
-        job, start = task.job, time.perf_counter()
-        seconds = {"queued": start - task.received}
-        try:
-            if job.bundle is not None and job.bundle != self.identity.bundle:
-                raise ValueError(f"this worker serves bundle {self.identity.bundle!r}, not {job.bundle!r}")
-            finish_by = None if job.deadline_s is None else task.received + job.deadline_s
-            vamped = self.vamper.vamp(task.audio, job.sample_rate, settings_of(job),
-                                      beat_times_s=job.beat_times_s, finish_by=finish_by,
-                                      progress=self._progress(task, outbox))
-        except Cancelled:
-            return result_frames(task, self.identity, "cancelled", seconds=seconds)
-        except ValueError as exc:  # AudioInputError, BundleError, bad settings: the user's message
-            log.info("job %d failed: %s", job.job_id, exc)
-            return result_frames(task, self.identity, "failed", str(exc) or type(exc).__name__, seconds=seconds)
-        except Exception as exc:
-            log.exception("job %d failed", job.job_id)
-            return result_frames(task, self.identity, "failed", f"{type(exc).__name__}: {exc}", seconds=seconds)
-        seconds.update(vamped.seconds)
-        if self._cancel_running:
-            return result_frames(task, self.identity, "cancelled", seconds=seconds)
-        return result_frames(task, self.identity, "ok", vamped=vamped, seconds=seconds)
+        result, audio = run_job(self.identity, task.job, task.audio, task.received, self._progress(task, outbox),
+                                lambda: self._cancel_running)
+        return [task.peer, *encode(result, audio)]
 
     def _progress(self, task: _Task, outbox: zmq.Socket) -> Callable[[str, float], None]:
         """The Vamper's progress callback: raises Cancelled when asked to; sends Progress at
@@ -202,18 +229,42 @@ class JobThread(threading.Thread):
         return report
 
 
-class Worker:
-    """The main thread: owns the ROUTER, forwards the outbox, sends heartbeats."""
+class InsecureBindError(ValueError):
+    """A worker asked to listen where other machines can reach it, without CURVE keys."""
 
-    def __init__(self, vamper: Vamper, endpoint: str, context: zmq.Context, parent_pid: int | None = None) -> None:
+
+def check_bind(endpoint: str, keys: CurveKeys | None) -> None:
+    """Refuse (InsecureBindError) to bind a non-loopback endpoint without CURVE keys: anyone who
+    can reach it could run jobs and read the audio."""
+    if keys is None and not is_loopback(endpoint):
+        raise InsecureBindError(
+            f"refusing to bind {endpoint} without CURVE keys: anyone on the network could send jobs and read the "
+            "audio. Create keys with `rtvamp keys` and pass --curve-keys [DIR], or bind 127.0.0.1 (e.g. behind an "
+            "SSH tunnel)")
+
+
+class Worker:
+    """The main thread: owns the ROUTER, forwards the outbox, sends heartbeats.
+
+    With `keys` the ROUTER is a CURVE server accepting only `keys.authorized` client keys."""
+
+    def __init__(self, vamper: Vamper, endpoint: str, context: zmq.Context, parent_pid: int | None = None,
+                 keys: CurveKeys | None = None) -> None:
+        check_bind(endpoint, keys)
         self.identity = Identity(vamper)
         self.parent_pid = parent_pid
         self.malformed = 0
         """messages dropped because they did not follow the protocol"""
+        self.refused = 0
+        """connections refused in the CURVE handshake"""
         self.peers: set[bytes] = set()
         self.router = context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, MAX_AUDIO_BYTES + 65536)
+        self.authenticator = None if keys is None else start_authenticator(context, keys)
+        if keys is not None:
+            secure_server(self.router, keys)
+        self.monitor = self.router.get_monitor_socket(HANDSHAKE_FAILURES)
         self.router.bind(endpoint)
         outbox_address = f"inproc://rtvamp-worker-outbox-{id(self)}"
         self.outbox = context.socket(zmq.PAIR)
@@ -227,6 +278,7 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.outbox, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         next_beat = time.monotonic()
         try:
             while True:
@@ -235,6 +287,8 @@ class Worker:
                     self.router.send_multipart(self.outbox.recv_multipart(copy=False), copy=False)
                 if self.router in ready and not self._receive():
                     return
+                if self.monitor in ready:
+                    self._count_refusal()
                 if time.monotonic() >= next_beat:
                     if self._orphaned():
                         log.info("parent process %d is gone; exiting", self.parent_pid)
@@ -244,8 +298,12 @@ class Worker:
         finally:
             self.jobs.stop()
             self.jobs.join(timeout=5.0)
+            self.router.disable_monitor()
+            self.monitor.close()
             self.router.close()
             self.outbox.close()
+            if self.authenticator is not None:
+                self.authenticator.stop()
 
     def _receive(self) -> bool:
         """Handle one message from an engine; False when told to shut down."""
@@ -271,6 +329,12 @@ class Worker:
                 self.router.send_multipart(result_frames(task, self.identity, "cancelled"), copy=False)
         return True
 
+    def _count_refusal(self) -> None:
+        event = recv_monitor_message(self.monitor)
+        self.refused += 1
+        log.warning("refused a connection in the CURVE handshake (%s; %d so far)", event["event"].name,
+                    self.refused)
+
     def _hello(self, peer: bytes, message: Connect) -> None:
         if message.protocol != PROTOCOL_VERSION:
             log.warning("engine %r speaks protocol %d; this worker speaks %d", message.client,
@@ -280,7 +344,8 @@ class Worker:
 
     def _heartbeat(self) -> None:
         queued, busy = self.jobs.load()
-        frames = encode(Heartbeat(worker=self.identity.info(), queued=queued, busy=busy, malformed=self.malformed))
+        frames = encode(Heartbeat(worker=self.identity.info(), queued=queued, busy=busy, malformed=self.malformed,
+                                  refused=self.refused))
         for peer in self.peers:
             self.router.send_multipart([peer, *frames])
 
@@ -298,7 +363,11 @@ def warm_up(vamper: Vamper) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rtvamp.engine.worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--bind", required=True, help="ZeroMQ endpoint to bind, e.g. ipc:///tmp/w.ipc")
+    parser.add_argument("--bind", required=True, help="ZeroMQ endpoint to bind, e.g. ipc:///tmp/w.ipc or "
+                        "tcp://127.0.0.1:5555 (a non-loopback address needs --curve-keys)")
+    parser.add_argument("--curve-keys", nargs="?", const="", metavar="DIR",
+                        help="CURVE keys folder: server.key_secret and authorized/*.key (default folder: "
+                        f"{keys_dir()})")
     parser.add_argument("--bundle", help="bundle folder or installed name (default: the embedded tiny one)")
     parser.add_argument("--max-batch", type=int, default=2, help="most candidates per job")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is no longer the parent")
@@ -309,14 +378,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.nice:
         os.nice(args.nice)
     try:
+        keys = None if args.curve_keys is None else load_keys(args.curve_keys or None, "server")
+        check_bind(args.bind, keys)
         vamper = Vamper(None if args.bundle is None else resolve_bundle(args.bundle), max_batch=args.max_batch)
         warm_up(vamper)
-    except ValueError as exc:  # BundleError and friends: a message for the user
+    except ValueError as exc:  # KeysError, InsecureBindError, BundleError and friends: a message for the user
         log.error("cannot start: %s", exc)
         return 2
     context = zmq.Context()
-    worker = Worker(vamper, args.bind, context, args.parent_pid)
-    log.info("serving bundle %r on %s", worker.identity.bundle, args.bind)
+    try:
+        worker = Worker(vamper, args.bind, context, args.parent_pid, keys)
+    except zmq.ZMQError as exc:
+        log.error("cannot bind %s: %s", args.bind, exc)
+        return 2
+    log.info("serving bundle %r on %s (%s; providers %s; step costs %s)", worker.identity.bundle, args.bind,
+             "CURVE" if keys else "no encryption: loopback only", ", ".join(worker.identity.providers),
+             worker.identity.info().step_seconds)
     try:
         worker.serve()
     except KeyboardInterrupt:
