@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -40,3 +45,12 @@ def ref_bundle(ref_bundle_dir):
     from rtvamp.bundle import load_bundle
 
     return load_bundle(ref_bundle_dir)
+
+
+def run_isolated(code: str, timeout_s: float = 300) -> dict:
+    """Run `code` in a fresh interpreter and return the JSON it prints last. Allocation tests use
+    this: tracemalloc sees every thread, and other tests leave threads (ZeroMQ, Ray, MIDI) behind."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout_s)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import tracemalloc
 
 import numpy as np
 import pytest
 
 from rtvamp.engine.core import AudioCore, CoreConfig
 from rtvamp.engine.history import LoopHistory
+
+from conftest import run_isolated
 
 SR, N = 44100, 256
 
@@ -109,21 +110,27 @@ def test_recording_stops_when_the_loop_buffer_is_full():
 
 
 def test_process_allocates_no_buffers():
-    core = AudioCore()
-    core.post("swap", 0, noise(50_000), 0)
-    core.post("gains", 0.3, 1.0)
-    core.post("overdub", True)
-    x, out = noise(N), np.zeros((N, 2), np.float32)
-    for i in range(50):
-        core.process(x, out, i * N)
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    for i in range(50, 2000):
-        core.process(x, out, i * N)
-    current, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert current - base < 1024, "process() leaks memory"
-    assert peak - base < 8 * 1024, "process() allocated a buffer"  # a block alone is 2 KiB
+    result = run_isolated("""
+        import json, tracemalloc
+        import numpy as np
+        from rtvamp.engine.core import AudioCore
+        core = AudioCore()
+        rng = np.random.default_rng(0)
+        core.post("swap", 0, (0.3 * rng.standard_normal((50_000, 2))).astype(np.float32), 0)
+        core.post("gains", 0.3, 1.0)
+        core.post("overdub", True)
+        x, out = np.zeros((256, 2), np.float32), np.zeros((256, 2), np.float32)
+        for i in range(50):
+            core.process(x, out, i * 256)
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(50, 2000):
+            core.process(x, out, i * 256)
+        current, peak = tracemalloc.get_traced_memory()
+        print(json.dumps({"net": current - base, "peak": peak - base}))
+    """)
+    assert result["net"] < 1024, "process() leaks memory"
+    assert result["peak"] < 8 * 1024, "process() allocated a buffer"  # a block alone is 2 KiB
 
 
 def test_history_undo_redo_candidates_recall():

@@ -45,8 +45,9 @@ class MidiError(RuntimeError):
 def _rtmidi() -> ModuleType:
     try:
         import rtmidi
-    except ImportError:
-        raise MidiError("MIDI needs python-rtmidi: pip install python-rtmidi") from None
+    except ImportError as exc:  # not installed, or its ALSA library is missing
+        raise MidiError(f"MIDI needs python-rtmidi and libasound2 (pip install python-rtmidi; "
+                        f"apt-get install libasound2): {exc}") from None
     return rtmidi
 
 
