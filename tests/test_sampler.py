@@ -17,6 +17,8 @@ from rtvamp import kernels, sampler, sampler_numpy
 from rtvamp.sampler import MaskedSampler, SamplingParams, replay_noise, upstream_params
 from rtvamp.sampler_numpy import generate_numpy
 
+from conftest import run_isolated
+
 GENERATE_FIXTURES = Path(__file__).parent / "fixtures" / "vampnet-reference" / "generate"
 CASES = Path(__file__).parent / "fixtures" / "vampnet-reference" / "cases.json"
 
@@ -282,6 +284,19 @@ def test_steps_that_fit() -> None:
 
 
 def test_generate_allocates_nothing_per_step_after_warmup() -> None:
+    """Runs `allocation_check` in a fresh interpreter: tracemalloc sees every thread, and other
+    tests leave threads (ZeroMQ, Ray, MIDI) behind that allocate meanwhile."""
+    result = run_isolated(f"""
+        import json, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import test_sampler
+        test_sampler.allocation_check()
+        print(json.dumps({{"ok": True}}))
+    """)
+    assert result["ok"]
+
+
+def allocation_check() -> None:
     batch, n_codebooks, n_cond, n_frames, vocab, steps = 2, 4, 1, 4096, 16, 6
     codes, mask = make_problem(1, batch, n_codebooks, n_cond, n_frames, vocab)
     logits = np.random.default_rng(0).standard_normal((batch, n_codebooks - n_cond, n_frames, vocab)).astype(np.float32)
