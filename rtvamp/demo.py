@@ -21,7 +21,7 @@ from .engine.engine import Engine, EngineConfig
 from .engine.scheduler import JobState, Trigger, VampParams
 from .engine.transport import Quantize
 from .files import write_audio
-from .io.file_driver import render
+from .io.file_driver import Action, render
 from .synth import groove
 
 SAMPLE_RATE = 44100
@@ -40,7 +40,7 @@ class DemoResult:
     png: Path | None
 
 
-def script(bar: int, params: VampParams) -> list[tuple[int, callable]]:
+def script(bar: int, params: VampParams) -> list[Action]:
     """The performance, as (engine sample, action) pairs; bar = samples per bar."""
     return [
         (0, lambda e: e.scheduler.record(Quantize.BAR)),                           # loop = bars 1–2
