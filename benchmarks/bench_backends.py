@@ -147,7 +147,7 @@ STEP_FIXED_S = 0.004
 def full_size_costs() -> dict | None:
     """The full-size bundle on this CPU: one coarse forward (575 frames; its FLOP count gives the
     achieved FLOP rate), and codec encode + decode of 4 s (230 frames). None when not cached."""
-    bundle_dir = CACHE / "full-fp32"
+    bundle_dir = CACHE / "full"
     if not (bundle_dir / "manifest.json").is_file():
         return None
     from rtvamp.bundle import load_bundle
@@ -155,7 +155,7 @@ def full_size_costs() -> dict | None:
     from rtvamp.transformer import Transformer
 
     bundle = load_bundle(bundle_dir, verify_hashes=False)
-    model = Transformer(bundle, "coarse", 1, 575)
+    model = Transformer(bundle, "coarse", 1, 575, precision="fp32")
     codes = np.random.default_rng(0).integers(0, 1024, (1, 4, 575))
     coarse_s = statistics.median(timed(lambda: model.logits(codes)) for _ in range(3))
     codec = Codec(bundle)

@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="per callback run")
     ap.add_argument("--skip-full", action="store_true")
     args = ap.parse_args()
-    bundles = [("tiny", None)] + ([] if args.skip_full else [("full", str(full_bundle("fp32")))])
+    bundles = [("tiny", None)] + ([] if args.skip_full else [("full", str(full_bundle()))])
     callbacks = part_callbacks(args.seconds, bundles)
     print_table("audio callback while vamping every bar (fractions of a 256-frame block)", callbacks)
     latency = part_latency(bundles, repeats=3 if args.skip_full else 1)

@@ -24,7 +24,7 @@ def transformer_rows(label: str, bundle_dir, precision: str, frames: dict[str, l
     rows = []
     rng = np.random.default_rng(0)
     for name, lengths in frames.items():
-        model = Transformer(bundle, name, 1, max(lengths))
+        model = Transformer(bundle, name, 1, max(lengths), precision=precision, require_eligible=False)
         for t in lengths:
             codes = rng.integers(0, 1024, size=(1, model.n_codebooks, t))
             codes[:, model.n_conditioning:][rng.random((1, model.n_predict, t)) < 0.6] = 1024
@@ -57,7 +57,7 @@ def main() -> None:
     frames = {"coarse": [173, 575], "c2f": [173]}
     bundles = [("tiny", tiny_bundle(), "fp32")]
     if not args.skip_full:
-        bundles += [("full", full_bundle("fp32"), "fp32"), ("full", full_bundle("int8"), "int8")]
+        bundles += [("full", full_bundle(), "fp32"), ("full", full_bundle(), "int8")]
     rows = []
     for label, path, precision in bundles:
         rows += transformer_rows(label, path, precision, frames, repeats if label == "tiny" else max(2, repeats - 2))

@@ -92,9 +92,10 @@ def main() -> None:
     rows = []
     plans = [("tiny", tiny_bundle(), [4, 8, 12, 36])]
     if not args.skip_full:
-        plans.append(("full", full_bundle("fp32"), [4, 12]))
+        plans.append(("full", full_bundle(), [4, 12]))
     for label, path, step_counts in plans:
         vamper = Vamper(path, max_batch=1)
+        print(f"{label}: transformers in {vamper.precision} (precision auto)")
         clock = instrument(vamper)
         vamper.vamp(groove(bars=1), RATE, VampSettings.make(steps="fast"))  # warm up
         for seconds in windows:

@@ -1,8 +1,9 @@
-"""Shared benchmark helpers: timing, result files, and the full-size random-weight bundles.
+"""Shared benchmark helpers: timing, result files, and the full-size random-weight bundle.
 
-The full-size bundles (20×1280 coarse, 16×1280 c2f, full LAC) are built on the fly by the
-converter from seeded random checkpoints in the official format, cached outside the repo
-(RTVAMP_BENCH_CACHE, default ~/.cache/rtvamp-bench) and never committed.
+The full-size bundle (20×1280 coarse, 16×1280 c2f, full LAC) is built on the fly by the
+converter from seeded random checkpoints in the official format, with fp32 transformers and
+their int8 variants, cached outside the repo (RTVAMP_BENCH_CACHE, default
+~/.cache/rtvamp-bench/full) and never committed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,38 +61,29 @@ def tiny_bundle() -> Path:
     return default_bundle_path()
 
 
-def full_bundle(precision: str = "fp32") -> Path:
-    """The full-size random-weight bundle (built once, then cached)."""
-    fp32 = CACHE / "full-fp32"
-    if not (fp32 / "manifest.json").is_file():
+def full_bundle() -> Path:
+    """The full-size random-weight bundle (built once, then cached): fp32 transformers plus their
+    int8 variants with measured agreement; pick one with `precision=` on Transformer/Vamper."""
+    from rtvamp.bundle import int8_name, load_bundle
+
+    path = CACHE / "full"
+    if not (path / "manifest.json").is_file():
         from rtvamp.convert.export import Sources, convert
         from rtvamp.convert.random_checkpoints import FULL_C2F, FULL_CODEC, FULL_COARSE, write_random_checkpoints
 
-        print(f"building the full-size random bundle in {fp32} (several minutes, once)", file=sys.stderr)
+        print(f"building the full-size random bundle in {path} (several minutes, once)", file=sys.stderr)
         ckpt = CACHE / "full-checkpoints"
         paths = write_random_checkpoints(ckpt, FULL_CODEC, FULL_COARSE, FULL_C2F, seed=0)
-        convert(Sources(paths["codec"], paths["coarse"], paths["c2f"]), fp32, name="full-random",
-                progress=lambda m: print("  " + m, file=sys.stderr))
+        report = convert(Sources(paths["codec"], paths["coarse"], paths["c2f"]), path, name="full-random",
+                         progress=lambda m: print("  " + m, file=sys.stderr))
         shutil.rmtree(ckpt)
-    if precision == "fp32":
-        return fp32
-    return _int8_sibling(fp32, CACHE / "full-int8")
+        print(f"  int8 top-1 agreement with fp32: {report.int8_top1_agreement}", file=sys.stderr)
+        for legacy in ("full-fp32", "full-int8"):  # the former one-precision-per-folder cache
+            shutil.rmtree(CACHE / legacy, ignore_errors=True)
+    elif int8_name("coarse") not in load_bundle(path, verify_hashes=False).manifest.files:
+        from rtvamp.convert.export import add_int8_variants
 
+        print(f"adding int8 variants to {path}", file=sys.stderr)
+        add_int8_variants(path)
+    return path
 
-def _int8_sibling(fp32: Path, out: Path) -> Path:
-    """An int8 copy of a bundle: transformers quantised dynamically, codec files shared."""
-    if (out / "manifest.json").is_file():
-        return out
-    from rtvamp.bundle import MANIFEST, load_bundle, sha256_of
-    from rtvamp.convert.export import quantize_int8
-
-    src = load_bundle(fp32, verify_hashes=False).manifest
-    out.mkdir(parents=True, exist_ok=True)
-    files = dict(src.files)
-    for name in ("codec_encoder", "codec_decoder"):
-        shutil.copy(fp32 / files[name]["path"], out / files[name]["path"])
-    for name in ("coarse", "c2f"):
-        quantize_int8(fp32 / f"{name}.onnx", out / f"{name}.onnx")
-        files[name] = {"path": f"{name}.onnx", "sha256": sha256_of(out / f"{name}.onnx"), "precision": "int8"}
-    (out / MANIFEST).write_text(replace(src, files=files, name=src.name + "-int8").to_json())
-    return out

@@ -6,6 +6,8 @@ Seeded random weights in the official checkpoint format, converted by the same c
 real weights. The architecture and contract are VampNet's (44.1 kHz, hop 768, 14 codebooks,
 vocab 1024, MASK 1024, coarse 4 codebooks, c2f conditioned on them); only the widths and depths
 are small. Its output is NOT music: it exists so every command and test runs out of the box.
+Like every converted bundle it holds fp32 transformers and their int8 variants with the measured
+top-1 agreement (printed at the end); under precision "auto" the int8 ones run only if eligible.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ SEED = 20260527
 def main(out_dir: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_random_checkpoints(tmp, TINY_CODEC, TINY_COARSE, TINY_C2F, seed=SEED)
-        convert(Sources(paths["codec"], paths["coarse"], paths["c2f"]), out_dir, name="tiny",
-                progress=lambda msg: print(msg, file=sys.stderr))
+        report = convert(Sources(paths["codec"], paths["coarse"], paths["c2f"]), out_dir, name="tiny",
+                         progress=lambda msg: print(msg, file=sys.stderr))
+    for name, entry in report.manifest.files.items():
+        if "top1_agreement" in entry:
+            print(f"{name}: top-1 agreement with fp32 {entry['top1_agreement']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,33 @@ def normalise(audio: np.ndarray, rate: int, target_lufs: float) -> np.ndarray:
         audio = audio * np.float32(10 ** ((target_lufs - level) / 20))
     peak = float(np.abs(audio).max(initial=0.0))
     return audio / np.float32(peak) if peak > 1 else audio
+
+
+class StreamLevel:
+    """Brings a streamed result to the input's loudness as it goes. Upstream normalises the whole
+    output to the input's loudness, which a stream cannot measure first; here each piece of each
+    candidate is scaled by a gain that glides, across the piece, from the previous piece's gain
+    to the one that brings everything decoded so far to `target_lufs` (capped so that the peak
+    so far stays ≤ 1). It converges on upstream's gain as the pieces come; no step, no click."""
+
+    def __init__(self, n_candidates: int, rate: int, target_lufs: float) -> None:
+        self.rate, self.target_lufs = rate, target_lufs
+        self._heard: list[list[np.ndarray]] = [[] for _ in range(n_candidates)]
+        self._gains: list[float | None] = [None] * n_candidates
+
+    def apply(self, piece: np.ndarray) -> np.ndarray:
+        """piece float32 [candidates, n] (the next samples of each) → the same, level-matched."""
+        out = np.empty_like(piece)
+        for k, samples in enumerate(piece):
+            self._heard[k].append(samples)
+            so_far = np.concatenate(self._heard[k])
+            level = loudness_lufs(so_far, self.rate)
+            previous = self._gains[k]
+            gain = 10 ** ((self.target_lufs - level) / 20) if math.isfinite(level) else (previous or 1.0)
+            peak = float(np.abs(so_far).max(initial=0.0))
+            if peak * gain > 1:
+                gain = 1 / peak
+            out[k] = samples * np.linspace(gain if previous is None else previous, gain, len(samples),
+                                           dtype=np.float32)
+            self._gains[k] = gain
+        return out

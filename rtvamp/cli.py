@@ -62,7 +62,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
                       "See README 'Real weights' to convert the official VampNet weights.")
     with console.status("rendering (vamps run in the worker process)…"):
         result = run_demo(Path(args.output), bpm=args.bpm, bars=args.bars, steps=args.steps,
-                          variations=args.variations, seed=args.seed, bundle=args.bundle)
+                          variations=args.variations, seed=args.seed, bundle=args.bundle, precision=args.precision)
     table = Table(title="per-vamp timings (seconds)")
     for col in ("#", "source", "bars", "swap at", "status", "encode", "coarse", "c2f", "decode", "latency"):
         table.add_column(col, justify="right")
@@ -95,7 +95,8 @@ def cmd_vamp(args: argparse.Namespace) -> None:
                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                  variations=args.variations)
     audio, rate = read_audio(args.input, args.max_seconds)
-    vamper = Vamper(_bundle(args.bundle) if args.bundle else None, max_batch=args.variations)
+    vamper = Vamper(_bundle(args.bundle) if args.bundle else None, max_batch=args.variations, precision=args.precision)
+    console.print(f"transformers: {vamper.precision}")
     try:
         result = _vamp_with_progress(vamper, audio, rate, settings)
     except AudioInputError as exc:
@@ -123,7 +124,7 @@ def cmd_live(args: argparse.Namespace) -> None:
                           midi_in=args.midi, midi_out=args.midi_out,
                           midi_map=Path(args.midi_map) if args.midi_map else None, midi_clock=args.midi_clock,
                           midi_api=args.midi_api, backend=args.backend,
-                          keys=Path(args.keys) if args.keys else None)
+                          keys=Path(args.keys) if args.keys else None, precision=args.precision)
     stats = run_live(options, duration_s=args.duration, loop_file=Path(args.loop) if args.loop else None)
     console.print(f"blocks {stats['blocks']}, xruns {sum(stats['xruns'].values())}, "
                   f"callback errors {stats['callback_errors']}, callback p99 {stats['callback_p99']:.1%} of a block")
@@ -166,7 +167,7 @@ def _convert_with_progress(convert, sources, out, precision):
         def step(msg: str) -> None:
             bar.update(task, advance=1, description=msg[:40])
         try:
-            return convert(sources, out, precision=precision, progress=step)
+            return convert(sources, out, int8=precision != "fp32", progress=step)
         except CheckpointError as exc:
             raise UserError(str(exc)) from None
 
@@ -201,7 +202,7 @@ def cmd_models_verify(args: argparse.Namespace) -> None:
     checks = [("hashes and contract", True), ("encoder frames", codes.shape == (1, m.n_codebooks, 8)),
               ("decoder samples", codec.decode(codes).shape == (1, 1, 8 * m.hop_length))]
     for name in ("coarse", "c2f"):
-        model = Transformer(bundle, name, 1, 8)
+        model = Transformer(bundle, name, 1, 8, precision=args.precision)
         logits = model.logits(codes[:, :model.n_codebooks])
         checks.append((f"{name} logits finite [1, {model.n_predict}, 8, {m.vocab_size}]",
                        logits.shape == (1, model.n_predict, 8, m.vocab_size) and bool(np.isfinite(logits).all())))
@@ -254,7 +255,7 @@ def cmd_models_download(args: argparse.Namespace) -> None:
                             "(offline? convert local files with `rtvamp models convert`)") from None
     coarse = files[f"loras/{args.lora}/coarse.pth"] if args.lora else files["coarse.pth"]
     c2f = files[f"loras/{args.lora}/c2f.pth"] if args.lora else files["c2f.pth"]
-    default_name = "vampnet" + (f"-{args.lora}" if args.lora else "") + ("-int8" if args.precision == "int8" else "")
+    default_name = "vampnet" + (f"-{args.lora}" if args.lora else "")
     out = Path(args.out) if args.out else bundles_dir() / default_name
     report = _convert_with_progress(convert, Sources(files["codec.pth"], coarse, c2f), out, args.precision)
     _print_report(report, out)
@@ -262,6 +263,16 @@ def cmd_models_download(args: argparse.Namespace) -> None:
 
 
 # -- entry ---------------------------------------------------------------------------------------
+
+
+CONVERT_PRECISION_HELP = ("auto or int8 (default auto): fp32 transformers plus int8 variants with their measured "
+                          "agreement (run on the CPU when eligible); fp32: fp32 only")
+
+
+def _add_precision(parser: argparse.ArgumentParser, where: str = "") -> None:
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"],
+                        help="transformer precision: auto = int8 on the CPU when the bundle's int8 variants agree "
+                        f"with fp32 (≥ 99 %% top-1), else fp32; int8 fails when they do not{where}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--variations", type=int, default=2)
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--bundle", help="bundle folder or installed name (default: embedded tiny)")
+    _add_precision(demo)
     demo.set_defaults(func=cmd_demo)
 
     vamp = sub.add_parser("vamp", help="vamp an audio file (WAV/FLAC/…)")
@@ -295,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     vamp.add_argument("--variations", type=int, default=1)
     vamp.add_argument("--max-seconds", type=float, default=120.0, help="refuse longer input")
     vamp.add_argument("--bundle", help="bundle folder or installed name (default: embedded tiny)")
+    _add_precision(vamp)
     vamp.set_defaults(func=cmd_vamp)
 
     live = sub.add_parser("live", help="play the instrument: sound card in/out, keyboard control")
@@ -322,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--backend", default="local", help="where vamps run: local, tcp://HOST:PORT (rtvamp "
                       "worker), ray, ray://HOST:PORT or http://HOST:PORT/rtvamp (rtvamp pool)")
     live.add_argument("--keys", help="CURVE keys folder for --backend tcp://… (default: the per-user one)")
+    _add_precision(live, " (local worker; a remote worker or pool uses its own)")
     live.set_defaults(func=cmd_live)
 
     devices = sub.add_parser("devices", help="list audio devices")
@@ -348,16 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--lora-coarse", help="LoRA-only state dict applied over --coarse")
     conv.add_argument("--lora-c2f", help="LoRA-only state dict applied over --c2f")
     conv.add_argument("--out", required=True)
-    conv.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    conv.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"], help=CONVERT_PRECISION_HELP)
     conv.set_defaults(func=cmd_models_convert)
     ver = msub.add_parser("verify", help="check a bundle's hashes, contract and a smoke forward")
     ver.add_argument("bundle", nargs="?", help="bundle folder or installed name (default: embedded tiny)")
+    _add_precision(ver)
     ver.set_defaults(func=cmd_models_verify)
     lst = msub.add_parser("list", help="installed bundles")
     lst.set_defaults(func=cmd_models_list)
     dl = msub.add_parser("download", help=f"fetch the official weights ({HF_REPO}) and convert them")
     dl.add_argument("--lora", help="a fine-tune under loras/<name>/ (e.g. percussion, choir)")
-    dl.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    dl.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"], help=CONVERT_PRECISION_HELP)
     dl.add_argument("--out", help="bundle folder (default: the per-user bundle folder)")
     dl.set_defaults(func=cmd_models_download)
     return parser

@@ -53,13 +53,13 @@ def script(bar: int, params: VampParams) -> list[Action]:
 
 
 def run_demo(output: Path, bpm: float = 120.0, bars: int = 14, steps: str = "balanced", variations: int = 2,
-             seed: int = 1, bundle: str | None = None, report: bool = True) -> DemoResult:
+             seed: int = 1, bundle: str | None = None, report: bool = True, precision: str = "auto") -> DemoResult:
     bar = int(round(4 * 60 / bpm * SAMPLE_RATE))
     played = groove(bars=PLAYED_BARS, bpm=bpm, sample_rate=SAMPLE_RATE, seed=seed)
     x = np.zeros((bars * bar, 2), np.float32)
     x[:played.shape[0]] = played[:, None]
     params = VampParams(steps=steps, variations=variations, seed=seed)
-    with LocalWorker(bundle=bundle, max_batch=variations) as worker:
+    with LocalWorker(bundle=bundle, max_batch=variations, precision=precision) as worker:
         engine = Engine(worker, EngineConfig(core=CoreConfig(), bpm=bpm, deadline_mode=False), threaded=False)
         engine.core.post("gains", 0.6, 0.8)
         out = render(engine, x, actions=script(bar, params))

@@ -59,6 +59,8 @@ class LiveOptions:
     """where vamps run (rtvamp.engine.backends.make_backend): local, tcp://…, ray, http://…"""
     keys: Path | None = None
     """CURVE keys folder for a tcp:// backend"""
+    precision: str = "auto"
+    """the local worker's transformer precision: auto, fp32 or int8 (rtvamp.vamp.Vamper)"""
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -74,7 +76,8 @@ class LiveSession:
         self.options = o = options
         core = CoreConfig(sample_rate=o.sample_rate, channels=o.channels, crossfade_ms=o.crossfade_ms,
                           max_block_frames=max(4096, o.block_frames))
-        self.worker = make_backend(o.backend, bundle=o.bundle, max_batch=o.params.variations, keys=o.keys)
+        self.worker = make_backend(o.backend, bundle=o.bundle, max_batch=o.params.variations, keys=o.keys,
+                                   precision=o.precision)
         self.worker.start()
         self.engine = Engine(self.worker, EngineConfig(core=core, bpm=o.bpm))
         self.engine.core.post("gains", o.dry, 1.0)
@@ -197,8 +200,10 @@ class LiveSession:
         if job is not None:
             progress = f"{job.stage} {job.fraction:.0%}" if job.status == "running" else job.status
             grid.add_row("vamp", f"#{job.id} {job.trigger.source} {progress}",
-                         "last vamp", f"{job.wall_latency_s:.2f} s" if job.wall_latency_s else "–")
-        grid.add_row("worker", f"{self.options.backend}, restarts {self.worker.restarts}",
+                         "last vamp", (f"sound after {job.first_piece_s:.2f} s, " if job.first_piece_s else "")
+                         + (f"whole {job.wall_latency_s:.2f} s" if job.wall_latency_s else "–"))
+        precision = f", {self.worker.info.precision}" if self.worker.info and self.worker.info.precision else ""
+        grid.add_row("worker", f"{self.options.backend}{precision}, restarts {self.worker.restarts}",
                      "latency comp.", f"{s.latency} samples")
         if self.midi is not None:
             grid.add_row("midi", self.midi.status(), "", "")

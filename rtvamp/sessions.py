@@ -9,11 +9,19 @@ import numpy as np
 import onnxruntime as ort
 
 
+CPU = "CPUExecutionProvider"
+
+
 def default_providers() -> list[str]:
     """CUDA first when onnxruntime-gpu provides it (RTVAMP_PROVIDERS=cpu keeps the CPU), then the CPU."""
     if os.environ.get("RTVAMP_PROVIDERS") != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+        return ["CUDAExecutionProvider", CPU]
+    return [CPU]
+
+
+def runs_on_cpu(providers: list[str]) -> bool:
+    """Whether a session with these providers (preferred first) computes on the CPU provider."""
+    return not providers or providers[0] == CPU
 
 
 def make_session(path: Path, threads: int = 0, providers: list[str] | None = None) -> ort.InferenceSession:

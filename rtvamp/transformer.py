@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .bundle import Bundle
-from .sessions import BoundRunner, make_session
+from .sessions import CPU, BoundRunner, default_providers, make_session, runs_on_cpu
 
 
 class Transformer:
@@ -13,9 +13,15 @@ class Transformer:
 
     Input and output buffers are allocated once for `max_batch` × `max_frames`; `logits`
     returns a view into the output buffer that the next call overwrites.
+
+    `precision` "auto" (default) runs the bundle's int8 variant when the session computes on the
+    CPU and the variant is eligible (its top-1 agreement with fp32 reached the bundle threshold),
+    fp32 otherwise (e.g. on CUDA); "fp32" and "int8" insist (BundleError when the bundle cannot,
+    see `Bundle.transformer_file`). `self.precision` is what was picked.
     """
 
-    def __init__(self, bundle: Bundle, name: str, max_batch: int, max_frames: int, threads: int = 0) -> None:
+    def __init__(self, bundle: Bundle, name: str, max_batch: int, max_frames: int, threads: int = 0,
+                 precision: str = "auto", require_eligible: bool = True) -> None:
         m = bundle.manifest
         if name == "coarse":
             self.n_codebooks, self.n_conditioning = m.coarse_codebooks, m.coarse_conditioning_codebooks
@@ -27,7 +33,17 @@ class Transformer:
         self.vocab_size = m.vocab_size
         self.n_predict = self.n_codebooks - self.n_conditioning
         self.max_batch, self.max_frames = max_batch, max_frames
-        session = make_session(bundle.path(name), threads)
+        providers = default_providers()
+        key, self.precision = bundle.transformer_file(name, precision, runs_on_cpu(providers), require_eligible)
+        session = make_session(bundle.path(key), threads, providers)
+        if precision == "auto" and not runs_on_cpu(providers) and runs_on_cpu(session.get_providers()):
+            # the GPU provider could not be used after all: decide again for the CPU
+            key_cpu, precision_cpu = bundle.transformer_file(name, precision, True)
+            if key_cpu != key:
+                key, self.precision = key_cpu, precision_cpu
+                session = make_session(bundle.path(key), threads, [CPU])
+        self.file = key
+        """the manifest name of the file this transformer runs (`coarse` or `coarse_int8`, …)"""
         self._runner = BoundRunner(
             session,
             np.zeros(max_batch * self.n_codebooks * max_frames, dtype=np.int64),

@@ -5,12 +5,17 @@ coarse generation in ≤ coarse-chunk windows (seam rule) → coarse-to-fine in 
 (conditioning codebooks fixed) → decode all codebooks → back to the input loudness and rate.
 It never imports torch. Sampling buffers are allocated once per Vamper (the transformers for
 their chunk length, the samplers for `max_batch` candidates).
+
+`vamp` is that whole pipeline. The live worker uses its stages: `prepare` (the trigger-path
+encode) or `prepare_from_stream` (codes a continuous encoder made before the trigger,
+rtvamp.code_stream), `generate` (mask, coarse, C2F), and `stream_audio` (the decoder in pieces
+with their context, each handed on as soon as it is ready).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -18,7 +23,8 @@ import numpy as np
 from . import audio as audio_ops
 from . import masks
 from .bundle import Bundle, load_bundle
-from .codec import Codec
+from .code_stream import CodeStream
+from .codec import Codec, CodecReach
 from .sampler import MaskedSampler, SamplingParams
 from .transformer import Transformer
 
@@ -91,6 +97,39 @@ class VampResult:
     """wall time per stage: preprocess, encode, coarse, c2f, decode, postprocess"""
 
 
+@dataclass
+class Prepared:
+    """A window ready for generation: its codes and what it takes to put the output back."""
+
+    codes: np.ndarray
+    """int64 [1, n_codebooks, n_frames]"""
+    mono: np.ndarray
+    """float32 [≥ n_samples] the normalised mono audio from the first frame's start (masks)"""
+    offset: int
+    """samples (bundle rate) from the first frame's start to the window's first sample"""
+    n_samples: int
+    """the window's length in samples at the bundle rate"""
+    level: float
+    """the input's loudness, LUFS (the output is brought back to it)"""
+    source: str
+    """"window" (encoded on the trigger path) or "stream" (from the code stream)"""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """wall seconds of the preparing stages (preprocess, encode)"""
+
+
+STREAM_CHUNK_FRAMES = (16, 32, 64, 128)
+"""frames per streamed decode piece: the first pieces small (the first sample early), then
+larger (each piece decodes the decoder's reach of extra frames on both sides)"""
+
+
+def _chunk_sizes(n_frames: int) -> Iterator[int]:
+    done, k = 0, 0
+    while done < n_frames:
+        size = min(STREAM_CHUNK_FRAMES[min(k, len(STREAM_CHUNK_FRAMES) - 1)], n_frames - done)
+        yield size
+        done, k = done + size, k + 1
+
+
 def _chunk_seeds(seeds: Sequence[int], stage: int, chunk: int) -> list[int]:
     """Independent, reproducible seeds for one chunk of one stage of every candidate."""
     return [int(np.random.SeedSequence([s, stage, chunk]).generate_state(1)[0]) for s in seeds]
@@ -99,13 +138,17 @@ def _chunk_seeds(seeds: Sequence[int], stage: int, chunk: int) -> list[int]:
 class Vamper:
     """VampNet inference on a bundle. `max_batch` = the most candidates per call."""
 
-    def __init__(self, bundle: Bundle | str | None = None, max_batch: int = 2, threads: int = 0) -> None:
+    def __init__(self, bundle: Bundle | str | None = None, max_batch: int = 2, threads: int = 0,
+                 precision: str = "auto") -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         m = self.manifest = self.bundle.manifest
         self.max_batch = max_batch
         self.codec = Codec(self.bundle, threads)
-        self.coarse = Transformer(self.bundle, "coarse", max_batch, m.coarse_chunk_frames, threads)
-        self.c2f = Transformer(self.bundle, "c2f", max_batch, m.c2f_chunk_frames, threads)
+        self.coarse = Transformer(self.bundle, "coarse", max_batch, m.coarse_chunk_frames, threads, precision)
+        self.c2f = Transformer(self.bundle, "c2f", max_batch, m.c2f_chunk_frames, threads, precision)
+        self.precision = (self.coarse.precision if self.coarse.precision == self.c2f.precision
+                          else f"coarse {self.coarse.precision}, c2f {self.c2f.precision}")
+        """what `precision` (auto, fp32, int8) picked: "fp32", "int8", or "coarse int8, c2f fp32" when they differ"""
         self._coarse_sampler = MaskedSampler(m.coarse_codebooks, 0, m.vocab_size, m.mask_id,
                                              max_batch, m.coarse_chunk_frames)
         self._c2f_sampler = MaskedSampler(m.c2f_codebooks, m.c2f_conditioning_codebooks, m.vocab_size,
@@ -115,16 +158,6 @@ class Vamper:
         exponentially averaged; the deadline mode plans with it"""
 
     # -- stages -------------------------------------------------------------------------------
-
-    def preprocess(self, audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray, float]:
-        """[n, ch] at `sample_rate` → (mono float32 [n'] at the bundle rate, −24 LUFS, peak ≤ 1;
-        the input loudness in LUFS)."""
-        mono = audio_ops.resample(audio_ops.to_mono(audio_ops.as_frames_by_channels(audio)),
-                                  sample_rate, self.manifest.sample_rate)
-        level = audio_ops.loudness_lufs(mono, self.manifest.sample_rate)
-        if not np.isfinite(level) or np.abs(mono).max() < 1e-6:
-            raise audio_ops.AudioInputError("the audio is silent: there is nothing to vamp")
-        return audio_ops.normalise(mono, self.manifest.sample_rate, audio_ops.TARGET_LUFS), level
 
     def encode(self, mono: np.ndarray) -> np.ndarray:
         """mono float32 [n] at the bundle rate → codes int64 [1, n_codebooks, ⌈n/hop⌉]."""
@@ -220,44 +253,108 @@ class Vamper:
         `mask` [1, n_codebooks, ⌈n'/hop⌉] (1 = generate) overrides the preset. `finish_by`
         (time.perf_counter() deadline): the coarse stage commits early so that C2F and decode
         (planned from measured costs) still end in time."""
+        frames = audio_ops.as_frames_by_channels(audio)
+        prepared = self.prepare(frames, sample_rate)
+        fine, mask, seconds = self.generate(prepared, settings, mask, beat_times_s, finish_by, progress)
+        t4 = time.perf_counter()
+        decoded = self.decode(fine)[:, 0, :prepared.n_samples]
+        t5 = time.perf_counter()
+        self._measure("decode/frame", (t5 - t4) / fine.shape[-1])
+        out = np.stack([self._postprocess(x, prepared.level, sample_rate, frames.shape) for x in decoded])
+        seconds.update(decode=t5 - t4, postprocess=time.perf_counter() - t5)
+        return VampResult(out, sample_rate, fine, mask, seconds)
+
+    def prepare(self, audio: np.ndarray, sample_rate: int) -> Prepared:
+        """The trigger-path encode (upstream's): audio [n, ch] → normalised mono → codes."""
+        t0 = time.perf_counter()
+        frames = audio_ops.as_frames_by_channels(audio)
+        mono = audio_ops.resample(audio_ops.to_mono(frames), sample_rate, self.manifest.sample_rate)
+        level = audio_ops.loudness_lufs(mono, self.manifest.sample_rate)
+        if not np.isfinite(level) or np.abs(mono).max() < 1e-6:
+            raise audio_ops.AudioInputError("the audio is silent: there is nothing to vamp")
+        mono = audio_ops.normalise(mono, self.manifest.sample_rate, audio_ops.TARGET_LUFS)
+        t1 = time.perf_counter()
+        codes = self.encode(mono)
+        seconds = {"preprocess": t1 - t0, "encode": time.perf_counter() - t1}
+        return Prepared(codes, mono, 0, mono.shape[0], level, "window", seconds)
+
+    def prepare_from_stream(self, stream: CodeStream, engine_start: int, n_samples: int) -> Prepared | None:
+        """The window [engine_start, engine_start + n_samples) from continuously encoded codes
+        (None when the stream does not hold it; see rtvamp.code_stream)."""
+        t0 = time.perf_counter()
+        window = stream.window(engine_start, engine_start + n_samples)
+        if window is None:
+            return None
+        return Prepared(window.codes, window.audio, window.offset, n_samples, window.level, "stream",
+                        {"preprocess": 0.0, "encode": time.perf_counter() - t0})
+
+    def generate(self, prepared: Prepared, settings: VampSettings | None = None, mask: np.ndarray | None = None,
+                 beat_times_s: Sequence[float] | None = None, finish_by: float | None = None,
+                 progress: Progress | None = None, first_decode_frames: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """Mask, coarse and C2F over prepared codes → (codes [candidates, n_cb, T], the mask,
+        seconds per stage so far). `beat_times_s` count from the window's first sample.
+        `first_decode_frames`: a streamed decode needs only that many frames decoded before
+        the first sample (the deadline plans with it); None: the whole window."""
         settings = settings or VampSettings()
         n_cand = len(settings.seeds)
         if not 1 <= n_cand <= self.max_batch:
             raise ValueError(f"{n_cand} candidates requested; this Vamper was built for 1–{self.max_batch}")
-        frames = audio_ops.as_frames_by_channels(audio)
-        seconds: dict[str, float] = {}
-        t0 = time.perf_counter()
-        mono, level = self.preprocess(frames, sample_rate)
-        t1 = time.perf_counter()
-        codes = self.encode(mono)
+        seconds = dict(prepared.seconds)
         t2 = time.perf_counter()
-        n_frames = codes.shape[-1]
+        codes, n_frames = prepared.codes, prepared.codes.shape[-1]
         if mask is None:
-            mask = self.build_mask(mono, n_frames, settings, beat_times_s)
+            shift = prepared.offset / self.manifest.sample_rate
+            beats = None if beat_times_s is None else [b + shift for b in beat_times_s]
+            mask = self.build_mask(prepared.mono, n_frames, settings, beats)
         elif mask.shape != (1, self.manifest.n_codebooks, n_frames):
             raise ValueError(f"mask must be [1, {self.manifest.n_codebooks}, {n_frames}], got {mask.shape}")
         batch_codes = np.repeat(codes, n_cand, axis=0)
         batch_mask = np.repeat(mask.astype(np.int64), n_cand, axis=0)
-        coarse_deadline = None if finish_by is None else finish_by - self._rest_after_coarse(n_frames, settings)
+        coarse_deadline = None if finish_by is None else \
+            finish_by - self._rest_after_coarse(n_frames, settings, first_decode_frames)
         coarse = self.coarse_vamp(batch_codes, batch_mask, settings.coarse, settings.seeds,
                                   finish_by=coarse_deadline, progress=progress)
         t3 = time.perf_counter()
         fine = self.coarse_to_fine(coarse, batch_mask, settings.c2f, settings.seeds, progress=progress)
-        t4 = time.perf_counter()
-        decoded = self.decode(fine)[:, 0, :mono.shape[0]]
-        t5 = time.perf_counter()
-        self._measure("decode/frame", (t5 - t4) / n_frames)
-        out = np.stack([self._postprocess(x, level, sample_rate, frames.shape) for x in decoded])
-        t6 = time.perf_counter()
-        seconds.update(preprocess=t1 - t0, encode=t2 - t1, coarse=t3 - t2, c2f=t4 - t3, decode=t5 - t4,
-                       postprocess=t6 - t5)
-        return VampResult(out, sample_rate, fine, mask, seconds)
+        seconds.update(coarse=t3 - t2, c2f=time.perf_counter() - t3)
+        return fine, mask, seconds
 
-    def _rest_after_coarse(self, n_frames: int, settings: VampSettings) -> float:
-        """Planned seconds for C2F + decode of a window of n_frames (0 until measured)."""
+    def stream_audio(self, fine: np.ndarray, prepared: Prepared, n_channels: int, reach: CodecReach
+                     ) -> Iterator[tuple[int, np.ndarray, float]]:
+        """Streamed decode of generated codes → (first window sample, audio float32 [candidates,
+        n, n_channels] at the bundle rate, estimated seconds until the last piece) in order,
+        covering the window [0, n_samples), brought to the input's loudness as they go
+        (audio.StreamLevel). Pieces grow (STREAM_CHUNK_FRAMES) so the first sample comes early
+        and later pieces waste little on their context frames."""
+        hop, n_frames = self.manifest.hop_length, fine.shape[-1]
+        start, t = 0, time.perf_counter()
+        level = audio_ops.StreamLevel(fine.shape[0], self.manifest.sample_rate, prepared.level)
+        for size in _chunk_sizes(n_frames):
+            t0, stop = time.perf_counter(), start + size
+            lo, hi = max(0, start - reach.decoder_left), min(n_frames, stop + reach.decoder_right)
+            audio = self.codec.decode(fine[..., lo:hi])[:, 0, (start - lo) * hop:(stop - lo) * hop]
+            self._measure("stream_decode/frame", (time.perf_counter() - t0) / size)
+            first = max(0, start * hop - prepared.offset)              # window samples
+            last = min(prepared.n_samples, stop * hop - prepared.offset)
+            if last > first:
+                piece = audio[:, first + prepared.offset - start * hop:last + prepared.offset - start * hop]
+                eta = self.step_seconds["stream_decode/frame"] * (n_frames - stop)
+                yield first, np.repeat(level.apply(piece)[:, :, None], n_channels, axis=2), eta
+            start = stop
+        self._measure("decode/frame", (time.perf_counter() - t) / n_frames)
+
+    def _rest_after_coarse(self, n_frames: int, settings: VampSettings, decode_frames: int | None = None) -> float:
+        """Planned seconds after the coarse stage, from measured costs (0 until measured): C2F,
+        then the whole decode — or, streamed (`decode_frames` before the first sample), that
+        first piece plus whatever lead a decoder slower than playback needs to stay ahead."""
         chunk = self.manifest.c2f_chunk_frames
         c2f = self.step_seconds.get(f"c2f/{chunk}", 0.0) * settings.c2f.steps * -(-n_frames // chunk)
-        return c2f + self.step_seconds.get("decode/frame", 0.0) * n_frames
+        if decode_frames is None:
+            return c2f + self.step_seconds.get("decode/frame", 0.0) * n_frames
+        per_frame = self.step_seconds.get("stream_decode/frame", self.step_seconds.get("decode/frame", 0.0))
+        window_s = n_frames * self.manifest.hop_length / self.manifest.sample_rate
+        return c2f + per_frame * min(decode_frames, n_frames) + max(0.0, per_frame * n_frames - window_s)
 
     def _postprocess(self, mono: np.ndarray, level: float, sample_rate: int, shape: tuple[int, int]) -> np.ndarray:
         """Bundle-rate mono → input loudness, input rate and length, input channel count."""

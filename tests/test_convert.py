@@ -166,17 +166,19 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
         load_codec(tmp_path / "list.pth")
 
 
-def test_tampered_or_incomplete_bundle_is_refused(ref_bundle_dir, tmp_path):
+@pytest.mark.parametrize("tampered, removed", [("coarse.onnx", "c2f.onnx"), ("coarse_int8.onnx", "c2f_int8.onnx")])
+def test_tampered_or_incomplete_bundle_is_refused(ref_bundle_dir, tmp_path, tampered, removed):
     copy = tmp_path / "bundle"
     shutil.copytree(ref_bundle_dir, copy)
     load_bundle(copy)
-    with open(copy / "coarse.onnx", "r+b") as fh:
-        fh.seek(100)
+    with open(copy / tampered, "r+b") as fh:
+        fh.seek(200)
         fh.write(b"\x00\x01\x02")
-    with pytest.raises(BundleError, match="sha256"):
+    with pytest.raises(BundleError, match=f"{tampered} does not match its sha256"):
         load_bundle(copy)
-    (copy / "c2f.onnx").unlink()
-    with pytest.raises(BundleError, match="missing"):
+    shutil.copy(ref_bundle_dir / tampered, copy / tampered)
+    (copy / removed).unlink()
+    with pytest.raises(BundleError, match=rf"{removed} \(.*\) is missing"):
         load_bundle(copy)
     (copy / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
@@ -191,4 +193,8 @@ def test_manifest_declares_the_contract(ref_bundle):
     assert (m.coarse_codebooks, m.c2f_conditioning_codebooks, m.c2f_codebooks) == (4, 4, 14)
     assert (m.coarse_chunk_frames, m.c2f_chunk_frames) == (575, 173)
     assert set(m.sources) == {"codec", "coarse", "c2f"}
+    assert set(m.files) == {"codec_encoder", "codec_decoder", "coarse", "c2f", "coarse_int8", "c2f_int8"}
+    assert {name: entry["precision"] for name, entry in m.files.items()} == {
+        "codec_encoder": "fp32", "codec_decoder": "fp32", "coarse": "fp32", "c2f": "fp32",
+        "coarse_int8": "int8", "c2f_int8": "int8"}
     assert "CC BY-NC-SA 4.0" in m.licence

@@ -85,6 +85,7 @@ def test_sixty_second_soak_vamping_every_bar(tmp_path):
     assert stats["callback_p99"] < 0.25, "the engine's callback must leave most of the block free"
     assert len(vamps) >= SOAK_S / 2 / 2, f"only {len(vamps)} vamps landed"   # at least one every other bar
     assert all(j.swap_at % BAR == 0 for j in vamps), "every vamp is scheduled on a bar line"
+    assert all(j.takes is not None for j in vamps), "results were streamed (committed at their first piece)"
     scheduled = {j.swap_at for j in vamps}
     assert set(swaps[1:]) <= scheduled, "swaps happen only where vamps were scheduled (the first is the loaded loop)"
     assert {at for at in scheduled if at < end - BAR} <= set(swaps), "and every scheduled swap happened"

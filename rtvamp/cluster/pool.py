@@ -63,6 +63,9 @@ class PoolConfig:
     """most candidates per job"""
     threads: int = 0
     """onnxruntime intra-op threads per replica (0 = its default: every core of the node)"""
+    precision: str = "auto"
+    """transformer precision of every replica: auto (int8 on CPU replicas when the bundle's int8
+    agrees with fp32, else fp32), fp32 or int8"""
     max_models_per_replica: int = 3
     """models (bundles) a replica keeps loaded besides the default, LRU"""
     stuck_after_s: float = 120.0
@@ -88,6 +91,10 @@ class PoolConfig:
     def with_bundle(self, bundle: str) -> PoolConfig:
         """A copy whose default bundle is `bundle`."""
         return dataclasses.replace(self, bundle=bundle)
+
+    def with_precision(self, precision: str) -> PoolConfig:
+        """A copy whose replicas run the transformers in `precision` (auto, fp32, int8)."""
+        return dataclasses.replace(self, precision=precision)
 
     def deployment_options(self) -> dict:
         """Keyword arguments of `Deployment.options` for this pool."""
@@ -126,15 +133,17 @@ def load_config(path: Path | None = None) -> PoolConfig:
 class VampReplica:
     """One replica (see the module docstring). `default_bundle` "" = the embedded tiny one."""
 
-    def __init__(self, default_bundle: str, max_batch: int, threads: int, stuck_after_s: float) -> None:
+    def __init__(self, default_bundle: str, max_batch: int, threads: int, stuck_after_s: float,
+                 precision: str = "auto") -> None:
         self.default_bundle, self.max_batch, self.stuck_after_s = default_bundle, max_batch, stuck_after_s
-        self.threads = threads
+        self.threads, self.precision = threads, precision
         self.default = Identity(self._load(default_bundle))
         self._vamp_lock = threading.Lock()
         self._running_since: float | None = None
 
     def _load(self, model: str) -> Vamper:
-        vamper = Vamper(resolve_bundle(model) if model else None, max_batch=self.max_batch, threads=self.threads)
+        vamper = Vamper(resolve_bundle(model) if model else None, max_batch=self.max_batch, threads=self.threads,
+                        precision=self.precision)
         warm_up(vamper)
         return vamper
 
@@ -231,7 +240,7 @@ def build_app(config: PoolConfig) -> serve.Application:
         "load_model": serve.multiplexed(max_num_models_per_replica=config.max_models_per_replica)(
             VampReplica.load_model)})
     deployment = serve.deployment(replica, name="VampReplica").options(**config.deployment_options())
-    return deployment.bind(config.bundle, config.max_batch, config.threads, config.stuck_after_s)
+    return deployment.bind(config.bundle, config.max_batch, config.threads, config.stuck_after_s, config.precision)
 
 
 def connect(address: str) -> None:

@@ -4,7 +4,7 @@ Graphs (dynamic batch and length, opset 18, torch.export/dynamo path):
 - codec_encoder.onnx: audio float32 [B, 1, N] (N a multiple of hop) → codes int64 [B, n_cb, N/hop]
 - codec_decoder.onnx: codes int64 [B, K, T], 1 ≤ K ≤ n_cb (a prefix of the codebooks; MASK ids
   are read as 0 like upstream's VampNet.decode) → audio float32 [B, 1, T·hop]
-- coarse.onnx, c2f.onnx: codes int64 [B, C, T] (MASK = vocab_size) → logits float32 [B, Cp, T, V]
+- coarse.onnx, c2f.onnx (+ _int8 variants): codes int64 [B, C, T] (MASK = vocab_size) → logits [B, Cp, T, V]
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..bundle import MANIFEST, Manifest, sha256_of
+from ..bundle import AGREEMENT_MEASURES, MANIFEST, TRANSFORMERS, Manifest, int8_name, sha256_of
 from .checkpoint import load_codec, load_transformer
 from .lac import LAC
 from .layers import fold_weight_norm
-from .vampnet import TransformerConfig, VampNetTransformer
+from .vampnet import VampNetTransformer
 
 OPSET = 18
 COARSE_CHUNK_SECONDS = 10.0
@@ -99,8 +99,14 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
     """Dynamic int8 quantisation of a transformer's MatMuls (the codec stays fp32)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32_path), str(int8_path), op_types_to_quantize=["MatMul"],
-                     weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic advises pre-processing on the root logger
+    try:
+        quantize_dynamic(str(fp32_path), str(int8_path), op_types_to_quantize=["MatMul"],
+                         weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,8 @@ class ConversionReport:
     max_abs_error: dict[str, float]
     """torch module vs exported graph on random inputs, per graph (fp32 graphs)"""
     int8_top1_agreement: dict[str, float]
-    """top-1 agreement of the int8 transformers with their fp32 export (int8 only)"""
+    """per int8 variant (`coarse_int8`, `c2f_int8`): its top-1 agreement with the fp32 export, the
+    lower of the recorded measures (the one that decides eligibility); empty without int8"""
 
 
 def _parity(codec: LAC, coarse: VampNetTransformer, c2f: VampNetTransformer, out_dir: Path,
@@ -148,11 +155,13 @@ def _parity(codec: LAC, coarse: VampNetTransformer, c2f: VampNetTransformer, out
     return errors
 
 
-def convert(sources: Sources, out_dir: str | Path, precision: str = "fp32", name: str = "",
+def convert(sources: Sources, out_dir: str | Path, int8: bool = True, name: str = "",
             progress: Callable[[str], None] = lambda _msg: None) -> ConversionReport:
-    """Official checkpoints → a bundle folder with manifest.json, checked against the torch modules."""
-    if precision not in ("fp32", "int8"):
-        raise ValueError(f"precision must be fp32 or int8, not {precision!r}")
+    """Official checkpoints → a bundle folder with manifest.json, checked against the torch modules.
+
+    The transformers are always written in fp32; `int8` (default) adds their dynamic-int8
+    variants with measured agreement (`add_int8_variants`), which the runtime uses on the CPU
+    when they are eligible."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     progress("loading checkpoints")
@@ -170,22 +179,12 @@ def convert(sources: Sources, out_dir: str | Path, precision: str = "fp32", name
     export_codec(codec, out_dir)
     progress("checking the exported graphs against the torch modules")
     errors = _parity(codec, coarse, c2f, out_dir)
-    agreement = {}
-    if precision == "int8":
-        progress("quantising transformers to int8")
-        for model, net in (("coarse", coarse), ("c2f", c2f)):
-            fp32_copy = out_dir / f"{model}.fp32-reference.onnx"
-            (out_dir / f"{model}.onnx").rename(fp32_copy)
-            try:
-                quantize_int8(fp32_copy, out_dir / f"{model}.onnx")
-                agreement[model] = agreement_int8(fp32_copy, out_dir / f"{model}.onnx", net.cfg)
-            finally:
-                fp32_copy.unlink()
+    for stale in TRANSFORMERS:  # a previous conversion's int8 files in the same folder
+        (out_dir / f"{int8_name(stale)}.onnx").unlink(missing_ok=True)
     files = {}
     for model in ("codec_encoder", "codec_decoder", "coarse", "c2f"):
         path = out_dir / f"{model}.onnx"
-        files[model] = {"path": path.name, "sha256": sha256_of(path),
-                        "precision": precision if model in ("coarse", "c2f") else "fp32"}
+        files[model] = {"path": path.name, "sha256": sha256_of(path), "precision": "fp32"}
     cfg = codec.config
     hop, sr = cfg.hop_length, cfg.sample_rate
     manifest = Manifest(
@@ -199,24 +198,110 @@ def convert(sources: Sources, out_dir: str | Path, precision: str = "fp32", name
         c2f_chunk_frames=int(np.ceil(C2F_CHUNK_SECONDS * sr / hop)),
         files=files,
         sources={role: sha256_of(Path(p)) for role, p in vars(sources).items() if p is not None},
+        codec={"encoder_dim": cfg.encoder_dim, "encoder_rates": list(cfg.encoder_rates),
+               "decoder_dim": cfg.decoder_dim, "decoder_rates": list(cfg.decoder_rates)},
         name=name or out_dir.name)
     manifest.check(str(out_dir))
     (out_dir / MANIFEST).write_text(manifest.to_json())
+    agreement = {}
+    if int8:
+        progress("quantising transformers to int8, measuring agreement")
+        measured = add_int8_variants(out_dir)
+        manifest = Manifest.from_json((out_dir / MANIFEST).read_text(), str(out_dir))
+        agreement = {int8_name(model): min(values.values()) for model, values in measured.items()}
     return ConversionReport(manifest, errors, agreement)
 
 
-def agreement_int8(fp32_path: Path, int8_path: Path, cfg: TransformerConfig, frames: int = 64, trials: int = 4,
-                   seed: int = 0) -> float:
-    """Top-1 agreement of int8 vs fp32 logits on random codes (~half MASK ids where predicted)."""
-    import onnxruntime as ort
+# -- int8 variants ---------------------------------------------------------------------------------
 
+AUDIO_GROOVES = ((120.0, 0), (96.0, 1), (140.0, 2))
+"""(bpm, seed) of the synthesized grooves (rtvamp.synth) whose codes measure int8 agreement"""
+
+
+def add_int8_variants(bundle_dir: str | Path) -> dict[str, dict[str, float]]:
+    """Quantise the fp32 transformers of a bundle folder to dynamic int8 (MatMuls only; the codec
+    stays fp32), measure their top-1 agreement with fp32 and add them to its manifest as
+    `coarse_int8` / `c2f_int8` (path, sha256, precision "int8", top1_agreement).
+
+    Agreement is measured on random codes and on the codes of synthesized audio encoded by the
+    bundle's own codec, both with ~half of the predicted positions MASK (`agreement_int8`).
+    Returns {transformer: {measure: agreement}}. Deterministic: the same bundle gives the same
+    files and numbers."""
+    import dataclasses
+
+    bundle_dir = Path(bundle_dir)
+    manifest = Manifest.from_json((bundle_dir / MANIFEST).read_text(), str(bundle_dir))
+    audio_codes = encoded_audio_codes(bundle_dir, manifest)
+    files = dict(manifest.files)
+    measured = {}
+    for model in TRANSFORMERS:
+        entry = files[model]
+        if entry.get("precision", "fp32") != "fp32":
+            raise ValueError(f"{bundle_dir}: {model} is {entry.get('precision')}, not fp32: convert it again")
+        n_cb, n_cond = ((manifest.coarse_codebooks, manifest.coarse_conditioning_codebooks) if model == "coarse"
+                        else (manifest.c2f_codebooks, manifest.c2f_conditioning_codebooks))
+        frames = manifest.coarse_chunk_frames if model == "coarse" else manifest.c2f_chunk_frames
+        fp32_path, int8_path = bundle_dir / entry["path"], bundle_dir / f"{int8_name(model)}.onnx"
+        quantize_int8(fp32_path, int8_path)
+        rng = np.random.default_rng(0)
+        random_codes = [rng.integers(0, manifest.vocab_size, size=(1, n_cb, 64)) for _ in range(4)]
+        real_codes = [c[None, :n_cb, :frames] for c in audio_codes]
+        measured[model] = {
+            "random_codes": agreement_int8(fp32_path, int8_path, _masked(random_codes, n_cond, manifest.mask_id, 1)),
+            "encoded_audio": agreement_int8(fp32_path, int8_path, _masked(real_codes, n_cond, manifest.mask_id, 2))}
+        assert tuple(measured[model]) == AGREEMENT_MEASURES
+        files[int8_name(model)] = {"path": int8_path.name, "sha256": sha256_of(int8_path), "precision": "int8",
+                                   "top1_agreement": {k: round(v, 6) for k, v in measured[model].items()}}
+    updated = dataclasses.replace(manifest, files=files)
+    updated.check(str(bundle_dir))
+    (bundle_dir / MANIFEST).write_text(updated.to_json())
+    return measured
+
+
+def encoded_audio_codes(bundle_dir: Path, manifest: Manifest) -> list[np.ndarray]:
+    """Codes int64 [n_codebooks, T] of the AUDIO_GROOVES (4 bars each, −24 LUFS like the vamp
+    input), encoded by the bundle's own codec_encoder."""
+    from ..audio import TARGET_LUFS, normalise
+    from ..sessions import CPU, make_session
+    from ..synth import groove
+
+    encoder = make_session(bundle_dir / manifest.files["codec_encoder"]["path"], providers=[CPU])
+    sr, hop = manifest.sample_rate, manifest.hop_length
+    out = []
+    for bpm, seed in AUDIO_GROOVES:
+        audio = normalise(groove(bars=4, bpm=bpm, sample_rate=sr, seed=seed), sr, TARGET_LUFS)
+        audio = np.pad(audio, (0, (-audio.size) % hop)).astype(np.float32)
+        out.append(encoder.run(None, {"audio": audio[None, None]})[0][0])
+    return out
+
+
+def _masked(codes: list[np.ndarray], n_conditioning: int, mask_id: int, seed: int) -> list[np.ndarray]:
+    """Copies of `codes` [1, C, T] with ~half the predicted positions (codebooks ≥ n_conditioning)
+    set to MASK, the state of a VampNet sampling run half way (seeded)."""
     rng = np.random.default_rng(seed)
-    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32_path, int8_path))
-    agree = []
-    for _ in range(trials):
-        codes = rng.integers(0, cfg.vocab_size, size=(1, cfg.n_codebooks, frames))
-        predicted = codes[:, cfg.n_conditioning_codebooks:]
-        predicted[rng.random(predicted.shape) < 0.5] = cfg.mask_id
-        la, lb = (s.run(None, {"codes": codes})[0] for s in (a, b))
-        agree.append(np.mean(la.argmax(-1) == lb.argmax(-1)))
-    return float(np.mean(agree))
+    out = []
+    for c in codes:
+        c = np.array(c, dtype=np.int64)
+        predicted = c[:, n_conditioning:]
+        predicted[rng.random(predicted.shape) < 0.5] = mask_id
+        out.append(c)
+    return out
+
+
+def agreement_int8(fp32_path: Path, int8_path: Path, codes: list[np.ndarray]) -> float:
+    """Top-1 agreement of int8 vs fp32 logits: the fraction of MASK positions (the tokens a vamp
+    samples) where both graphs give the same argmax, over all `codes` [1, C, T] (MASK = the
+    manifest's mask_id, i.e. the logits' vocabulary size). Runs as the runtime does (CPU)."""
+    from ..sessions import CPU, make_session
+
+    a, b = (make_session(p, providers=[CPU]) for p in (fp32_path, int8_path))
+    same = total = 0
+    for c in codes:
+        la, lb = (s.run(None, {"codes": c})[0] for s in (a, b))
+        n_predict, vocab = la.shape[1], la.shape[-1]
+        masked = c[:, c.shape[1] - n_predict:] == vocab
+        same += int(np.count_nonzero((la.argmax(-1) == lb.argmax(-1))[masked]))
+        total += int(np.count_nonzero(masked))
+    if total == 0:
+        raise ValueError("no MASK positions to measure agreement on")
+    return same / total

@@ -37,8 +37,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .keys import HANDSHAKE_FAILURES, CurveKeys, KeyPair, handshake_failure, is_loopback, secure_client
-from .protocol import (PROTOCOL_VERSION, Cancel, Connect, Heartbeat, Hello, Job, Progress, ProtocolError, Reply,
-                       Request, Result, Shutdown, WorkerInfo, decode_reply, encode)
+from .protocol import (PROTOCOL_VERSION, Cancel, Chunk, Connect, Feed, Heartbeat, Hello, Job, Progress, ProtocolError,
+                       Reply, Request, Result, Shutdown, WorkerInfo, decode_reply, encode)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,21 @@ class LatencySample:
     """latency minus the worker's own wall seconds: transfer and (de)serialisation"""
 
 
-Event = Union[Progress, JobResult, WorkerLost]
+@dataclass(frozen=True)
+class JobChunk:
+    """A piece of a streamed job's result, as it is decoded (see Job.stream)."""
+
+    job_id: int
+    offset: int
+    """the piece's first sample in the result"""
+    audio: np.ndarray
+    """float32 [candidates, n, n_channels]"""
+    total_samples: int
+    eta_s: float
+    """the worker's estimate: seconds from this piece until the last one"""
+
+
+Event = Union[Progress, JobChunk, JobResult, WorkerLost]
 
 
 class WorkerBackend(Protocol):
@@ -130,7 +144,7 @@ def make_job(job_id: int, audio: np.ndarray, sample_rate: int, *, preset: str, c
              temperature: float = 1.0, top_p: float | None = None, seeds: Sequence[int] = (0,),
              beat_times_s: Sequence[float] | None = None, deadline_s: float | None = None,
              bundle: str | None = None, periodic_prompt: int | None = None, upper_codebook_mask: int | None = None,
-             mask_density: float | None = None) -> Job:
+             mask_density: float | None = None, window_start: int | None = None, stream: bool = False) -> Job:
     """The Job message for audio float32 [n_samples, n_channels] (raises ProtocolError, a
     ValueError, for a shape or values the protocol refuses)."""
     audio = np.asarray(audio)
@@ -143,7 +157,8 @@ def make_job(job_id: int, audio: np.ndarray, sample_rate: int, *, preset: str, c
               beat_times_s=None if beat_times_s is None else [float(t) for t in beat_times_s],
               deadline_s=None if deadline_s is None else float(deadline_s), bundle=bundle,
               periodic_prompt=periodic_prompt, upper_codebook_mask=upper_codebook_mask,
-              mask_density=None if mask_density is None else float(mask_density))
+              mask_density=None if mask_density is None else float(mask_density),
+              window_start=None if window_start is None else int(window_start), stream=bool(stream))
     encode(job, audio)  # validates every field against the receiver's constraints
     return job
 
@@ -151,7 +166,8 @@ def make_job(job_id: int, audio: np.ndarray, sample_rate: int, *, preset: str, c
 def job_options(job: Job) -> dict:
     """The keyword arguments of `WorkerBackend.submit` that describe `job` (to resubmit it)."""
     fields = ("preset", "coarse_steps", "c2f_steps", "temperature", "top_p", "seeds", "beat_times_s",
-              "deadline_s", "bundle", "periodic_prompt", "upper_codebook_mask", "mask_density")
+              "deadline_s", "bundle", "periodic_prompt", "upper_codebook_mask", "mask_density", "window_start",
+              "stream")
     return {name: getattr(job, name) for name in fields}
 
 
@@ -254,6 +270,8 @@ class _InFlight:
     """a copy of the job's audio, kept where the job may be resubmitted elsewhere"""
     deadline: float | None = None
     """time.perf_counter() seconds by which the engine wanted the result (None: no deadline)"""
+    streamed: np.ndarray | None = None
+    """a streamed result, assembled from its Chunks: float32 [candidates, n_samples, n_channels]"""
 
 
 class _ConnectedBackend:
@@ -262,6 +280,8 @@ class _ConnectedBackend:
 
     keep_audio = False
     """whether jobs in flight keep a copy of their audio (to resubmit them elsewhere)"""
+    supports_streaming = True
+    """takes `feed` (continuous encoding) and `submit(..., window_start, stream=True)`"""
 
     def __init__(self, heartbeat_timeout_s: float) -> None:
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -291,11 +311,14 @@ class _ConnectedBackend:
                temperature: float = 1.0, top_p: float | None = None, seeds: Sequence[int] = (0,),
                beat_times_s: Sequence[float] | None = None, deadline_s: float | None = None,
                bundle: str | None = None, periodic_prompt: int | None = None,
-               upper_codebook_mask: int | None = None, mask_density: float | None = None) -> int:
+               upper_codebook_mask: int | None = None, mask_density: float | None = None,
+               window_start: int | None = None, stream: bool = False) -> int:
         """Queue a vamp of audio float32 [n_samples, n_channels] at `sample_rate` (one candidate
         per seed; `deadline_s`: seconds from now, of which the measured transfer overhead is
-        kept for the way back) → its job_id. Raises ProtocolError (a ValueError) for values the
-        protocol refuses."""
+        kept for the way back) → its job_id. `window_start`: the engine sample where the audio
+        starts in the fed stream (the worker then takes its codes from there when it can);
+        `stream`: the result arrives as JobChunk events before its JobResult. Raises
+        ProtocolError (a ValueError) for values the protocol refuses."""
         self._started()
         now = time.perf_counter()
         sent_deadline = None if deadline_s is None else max(0.0, deadline_s - transfer_overhead_s(self.latencies))
@@ -303,7 +326,7 @@ class _ConnectedBackend:
                        c2f_steps=c2f_steps, temperature=temperature, top_p=top_p, seeds=seeds,
                        beat_times_s=beat_times_s, deadline_s=sent_deadline, bundle=bundle,
                        periodic_prompt=periodic_prompt, upper_codebook_mask=upper_codebook_mask,
-                       mask_density=mask_density)
+                       mask_density=mask_density, window_start=window_start, stream=stream)
         self._next_job_id += 1
         flight = _InFlight(job, now, np.array(audio, np.float32) if self.keep_audio else None,
                            None if deadline_s is None else now + deadline_s)
@@ -314,6 +337,13 @@ class _ConnectedBackend:
         """Ask to cancel a job; its Result (usually "cancelled") still arrives through `events`."""
         if job_id in self._in_flight:
             self._started().send(Cancel(job_id=job_id))
+
+    def feed(self, start_sample: int, mono: np.ndarray, sample_rate: int) -> None:
+        """The engine's input continues: mono float32 [n] from engine sample `start_sample`
+        (continuous encoding on the worker; dropped while there is no worker to take it)."""
+        if self._connection is not None and len(mono):
+            self._connection.send(Feed(start_sample=int(start_sample), n_samples=len(mono),
+                                       sample_rate=int(sample_rate)), np.asarray(mono, np.float32)[:, None])
 
     def events(self, timeout_s: float = 0.0) -> list[Event]:
         """Progress, results and losses since the last call, waiting up to `timeout_s` seconds
@@ -367,6 +397,8 @@ class _ConnectedBackend:
             self.info = message.worker
         elif isinstance(message, Progress):
             return message if message.job_id in self._in_flight else None
+        elif isinstance(message, Chunk):
+            return self._chunk(message, audio)
         elif isinstance(message, Result):
             return self._finish(message, audio)
         return None
@@ -374,10 +406,24 @@ class _ConnectedBackend:
     def _hello(self, info: WorkerInfo) -> None:
         self.info = info
 
+    def _chunk(self, chunk: Chunk, audio: np.ndarray) -> JobChunk | None:
+        flight = self._in_flight.get(chunk.job_id)
+        if flight is None or chunk.total_samples != flight.job.n_samples:
+            return None
+        shape = (chunk.n_candidates, chunk.total_samples, chunk.n_channels)
+        if flight.streamed is None or flight.streamed.shape != shape:
+            flight.streamed = np.zeros(shape, np.float32)
+        flight.streamed[:, chunk.offset:chunk.offset + chunk.n_samples] = audio
+        return JobChunk(chunk.job_id, chunk.offset, audio.copy(), chunk.total_samples, chunk.eta_s)
+
     def _finish(self, result: Result, audio: np.ndarray) -> JobResult | None:
         flight = self._in_flight.pop(result.job_id, None)
         if flight is None:
             return None
+        if result.status == "ok" and audio.shape[0] == 0 and flight.streamed is not None:
+            audio = flight.streamed
+            result = msgspec.structs.replace(result, n_candidates=audio.shape[0], n_samples=audio.shape[1],
+                                             n_channels=audio.shape[2])
         latency = time.perf_counter() - flight.submitted
         if result.status == "ok":
             self.latencies.append(latency_sample(flight.job, result, latency))
@@ -408,9 +454,12 @@ class LocalWorker(_ConnectedBackend):
     """
 
     def __init__(self, bundle: str | None = None, max_batch: int = 2,
-                 heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S, start_timeout_s: float = START_TIMEOUT_S) -> None:
+                 heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S, start_timeout_s: float = START_TIMEOUT_S,
+                 precision: str = "auto") -> None:
         super().__init__(heartbeat_timeout_s)
         self.bundle, self.max_batch = bundle, max_batch
+        self.precision = precision
+        """the worker's transformer precision: auto, fp32 or int8 (see rtvamp.vamp.Vamper)"""
         self.start_timeout_s = start_timeout_s
         """seconds a new process may take to say Hello (at `start` and after a restart)"""
         self.process: subprocess.Popen | None = None
@@ -459,7 +508,7 @@ class LocalWorker(_ConnectedBackend):
         self._spawns += 1
         endpoint = f"ipc://{os.path.join(self._dir, f'worker-{self._spawns}.ipc')}"
         command = [sys.executable, "-m", "rtvamp.engine.worker", "--bind", endpoint,
-                   "--max-batch", str(self.max_batch), "--parent-pid", str(os.getpid())]
+                   "--max-batch", str(self.max_batch), "--parent-pid", str(os.getpid()), "--precision", self.precision]
         if self.bundle is not None:
             command += ["--bundle", self.bundle]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
@@ -679,6 +728,8 @@ class RemoteWorker(_ConnectedBackend):
                 out.append(WorkerLost(f"local fallback: {event.reason}"))
             elif isinstance(event, Progress) and event.job_id in self._on_fallback:
                 out.append(msgspec.structs.replace(event, job_id=self._on_fallback[event.job_id][0]))
+            elif isinstance(event, JobChunk) and event.job_id in self._on_fallback:
+                out.append(dataclasses.replace(event, job_id=self._on_fallback[event.job_id][0]))
             elif isinstance(event, JobResult) and event.job_id in self._on_fallback:
                 ours, submitted = self._on_fallback.pop(event.job_id)
                 out.append(dataclasses.replace(event, job_id=ours, latency_s=time.perf_counter() - submitted))

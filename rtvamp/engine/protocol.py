@@ -8,15 +8,26 @@ by one raw audio frame for the two messages that carry audio:
 message        frames     audio frame
 =============  =========  ================================================================
 Connect        1          —                                  (engine → worker)
+Feed           2          float32 little-endian [n_samples, 1]: the engine's input, mono
 Job            2          float32 little-endian [n_samples, n_channels], C order
 Cancel         1          —
 Shutdown       1          —
 Hello          1          —                                  (worker → engine)
 Heartbeat      1          —
 Progress       1          —
+Chunk          2          float32 little-endian [n_candidates, n_samples, n_channels]: a
+                          streamed piece of a job's result, in order
 Result         2          float32 little-endian [n_candidates, n_samples, n_channels], C
                           order; empty (0 bytes, n_candidates = 0) unless status is "ok"
+                          and the result was not streamed in Chunks
 =============  =========  ================================================================
+
+Continuous encoding: an engine that sends :class:`Feed` messages (its input, in order, each
+stamped with the engine sample of its first sample) lets the worker keep that stream's codes
+(rtvamp.code_stream); a Job with ``window_start`` set is then vamped from those codes when the
+stream holds them, and from its own audio otherwise. Streaming: a Job with ``stream`` set is
+answered with Chunks (each with the worker's estimate of when the last one will be ready) and
+then a Result that carries no audio.
 
 (The ROUTER side sees one more frame first: the peer's routing identity.)
 
@@ -34,7 +45,7 @@ from typing import Annotated, Literal, Union
 import msgspec
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Bumped on any incompatible change to the messages below."""
 
 MAX_AUDIO_BYTES = 256 * 1024 * 1024
@@ -76,6 +87,10 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     """most candidates (seeds) per job"""
     step_seconds: dict[str, float] = {}
     """measured seconds per step, keyed like ``coarse/575``, ``c2f/173``, ``decode/frame``"""
+    encode_seconds_per_second: float = 0.0
+    """continuous encoding's cost: wall seconds per second of fed audio (0 until fed)"""
+    precision: str = ""
+    """the transformers' precision the worker runs (``fp32``, ``int8``; "" from older workers)"""
 
 
 # -- engine → worker ---------------------------------------------------------------------------
@@ -85,6 +100,16 @@ class Connect(_Message):
 
     protocol: int
     client: str = ""
+
+
+class Feed(_Message):
+    """The engine's input continues: mono audio (the frame that follows) at `sample_rate`,
+    starting at engine sample `start_sample`. A start that does not continue the previous
+    Feed starts the stream anew."""
+
+    start_sample: Annotated[int, msgspec.Meta(ge=0, lt=2**62)]
+    n_samples: _Count
+    sample_rate: _Rate
 
 
 class Job(_Message):
@@ -109,6 +134,10 @@ class Job(_Message):
     upper_codebook_mask: Annotated[int, msgspec.Meta(ge=1, le=14)] | None = None
     mask_density: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     """overrides of the mask preset (None = the preset's value)"""
+    window_start: Annotated[int, msgspec.Meta(ge=0, lt=2**62)] | None = None
+    """engine sample of the audio's first sample in the fed stream (None: not from the stream)"""
+    stream: bool = False
+    """answer with Chunks as the decoder goes, then a Result without audio"""
 
 
 class Cancel(_Message):
@@ -151,6 +180,20 @@ class Progress(_Message):
     fraction: _Fraction
 
 
+class Chunk(_Message):
+    """A piece of a streamed job's result: samples [offset, offset + n_samples) of every
+    candidate (the frame that follows), `total_samples` long in all."""
+
+    job_id: _Id
+    offset: Annotated[int, msgspec.Meta(ge=0, lt=2**40)]
+    n_candidates: Annotated[int, msgspec.Meta(ge=1, le=64)]
+    n_samples: _Count
+    n_channels: _Channels
+    total_samples: _Count
+    eta_s: _Seconds
+    """the worker's estimate: seconds from now until the last Chunk is sent"""
+
+
 class Result(_Message):
     """The end of a job; the audio frame that follows holds the candidates when status is ok."""
 
@@ -167,8 +210,8 @@ class Result(_Message):
     ``queued`` (receipt → start)"""
 
 
-Request = Union[Connect, Job, Cancel, Shutdown]
-Reply = Union[Hello, Heartbeat, Progress, Result]
+Request = Union[Connect, Feed, Job, Cancel, Shutdown]
+Reply = Union[Hello, Heartbeat, Progress, Chunk, Result]
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
@@ -180,7 +223,7 @@ _checkers = {kind: msgspec.msgpack.Decoder(kind) for kind in (*Request.__args__,
 # -- encoding ----------------------------------------------------------------------------------
 
 def encode(message: Request | Reply, audio: np.ndarray | None = None) -> list[Buffer]:
-    """The frames of a message: [header] or [header, audio bytes] for Job and Result.
+    """The frames of a message: [header] or [header, audio bytes] for Feed, Job, Chunk and Result.
 
     `audio` must match the shape the header declares (Job: [n_samples, n_channels]; Result:
     [n_candidates, n_samples, n_channels]); it is sent as little-endian float32. Raises
@@ -237,6 +280,12 @@ def _audio_shape(message: Request | Reply) -> tuple[int, ...] | None:
     """The audio shape a header declares, or None for messages without audio."""
     if isinstance(message, Job):
         return (message.n_samples, message.n_channels)
+    if isinstance(message, Feed):
+        return (message.n_samples, 1)
+    if isinstance(message, Chunk):
+        if message.offset + message.n_samples > message.total_samples:
+            raise ProtocolError("a Chunk beyond its result's length")
+        return (message.n_candidates, message.n_samples, message.n_channels)
     if isinstance(message, Result):
         if message.status != "ok" and message.n_candidates:
             raise ProtocolError(f"a {message.status!r} Result carries no candidates")

@@ -37,6 +37,9 @@ def _add_worker(subparsers: argparse._SubParsersAction) -> None:
                         help=f"CURVE keys folder: server.key_secret + authorized/*.key (default: {default_keys_dir()})")
     worker.add_argument("--bundle", help="bundle folder or installed name (default: embedded tiny)")
     worker.add_argument("--max-batch", type=int, default=4, help="most candidates per job")
+    worker.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"],
+                        help="transformer precision (auto: int8 on the CPU when the bundle's int8 agrees with fp32, "
+                        "else fp32; default: %(default)s)")
     worker.add_argument("--nice", type=int, default=0, help="lower this process's CPU priority")
     worker.set_defaults(func=cmd_worker)
 
@@ -44,7 +47,8 @@ def _add_worker(subparsers: argparse._SubParsersAction) -> None:
 def cmd_worker(args: argparse.Namespace) -> None:
     from .worker import main
 
-    argv = ["--bind", args.bind, "--max-batch", str(args.max_batch), "--nice", str(args.nice)]
+    argv = ["--bind", args.bind, "--max-batch", str(args.max_batch), "--nice", str(args.nice),
+            "--precision", args.precision]
     if args.curve_keys is not None:
         argv += ["--curve-keys", args.curve_keys] if args.curve_keys else ["--curve-keys"]
     if args.bundle:
@@ -131,6 +135,9 @@ def _add_pool(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--replicas", help="replica count, or `auto` for autoscaling (overrides the TOML)")
     up.add_argument("--gpus-per-replica", type=float, help="GPUs each replica holds (overrides the TOML)")
     up.add_argument("--bundle", help="default bundle of jobs that name none (overrides the TOML)")
+    up.add_argument("--precision", choices=["auto", "fp32", "int8"],
+                    help="transformer precision of the replicas (overrides the TOML; default auto: int8 on CPU "
+                    "replicas when the bundle's int8 agrees with fp32)")
     up.set_defaults(func=cmd_pool_up)
     down = sub.add_parser("down", help="delete the pool's Serve application")
     down.add_argument("--address", default="auto")
@@ -160,6 +167,8 @@ def _config(args: argparse.Namespace):
         config = config.with_gpus(args.gpus_per_replica)
     if getattr(args, "bundle", None):
         config = config.with_bundle(args.bundle)
+    if getattr(args, "precision", None):
+        config = config.with_precision(args.precision)
     return config
 
 

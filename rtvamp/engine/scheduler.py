@@ -5,8 +5,16 @@ samples* (the audio clock), so a file-driven render is sample-exact and determin
 live one swaps exactly on the grid. Rules (docs/realtime.md rule 3):
 - a result is swapped in at the job's target boundary if it arrives in time, else at the first
   boundary after it arrived (quantised the same way); until then the current loop keeps playing;
+- a streamed result (a backend with `supports_streaming`) is committed at its first piece: to
+  the target boundary when the worker's estimate says the decoder stays ahead of playback
+  from there (with a margin), else to the first boundary from which it does. Its buffer starts
+  as a copy of the loop playing, so a piece that is late after all plays the old loop, never
+  silence; a committed job is not cancelled by a newer trigger;
 - a newer trigger cancels the job in flight;
-- the deadline given to the worker is the time to the target boundary, minus a safety margin.
+- the deadline given to the worker is the time to the target boundary, minus a safety margin;
+- continuous encoding: every FEED_INTERVAL_S the input heard since the last feed goes to the
+  worker (`backend.feed`), which keeps its codes; an input trigger names its window's place in
+  that stream so the worker need not encode it.
 """
 
 from __future__ import annotations
@@ -15,19 +23,27 @@ import itertools
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ..masks import DEFAULT_PRESET
 from ..vamp import resolve_steps
-from .backend import Event, JobResult, WorkerLost
+from .backend import Event, JobChunk, JobResult, WorkerLost
 from .core import AudioCore
 from .protocol import Progress
 from .history import LoopHistory, Take
 from .transport import Quantize, Transport
 
 log = logging.getLogger(__name__)
+
+FEED_INTERVAL_S = 0.5
+"""seconds of input gathered before it is fed to the worker's continuous encoder (each feed
+re-encodes the encoder's reach of context, so fewer, longer feeds cost less)"""
+
+STREAM_MARGIN = 0.25
+"""fraction of the worker's remaining-decode estimate kept in hand when committing a stream"""
 
 SOURCES = ("input", "loop", "output")
 """What a trigger vamps: the last N bars of the input (retrospective capture), the current
@@ -99,9 +115,16 @@ class JobState:
     status: str = "running"
     """running, ok, cancelled, failed"""
     swap_at: int | None = None
+    takes: list[Take] | None = None
+    """a streamed result's takes, filled piece by piece (None until the first piece)"""
     error: str = ""
     seconds: dict = field(default_factory=dict)
     wall_latency_s: float = 0.0
+    """wall seconds from the trigger to the whole result"""
+    first_piece_s: float = 0.0
+    """wall seconds from the trigger to a streamed result's first piece (0: not streamed)"""
+    triggered_at: float = field(default_factory=time.perf_counter)
+    """time.perf_counter() at the trigger"""
 
 
 class Scheduler:
@@ -140,6 +163,13 @@ class Scheduler:
         self._next_auto_sample: int | None = None
         self.events_log: list[tuple] = []
         """(kind, sample, info) for the session log: trigger, swap, record, …"""
+        self.realtime = True
+        """False when the clock waits for jobs (offline renders): streamed results are then
+        committed to their target, whatever the decoder's speed"""
+        self.streaming = bool(getattr(backend, "supports_streaming", False))
+        """the backend takes fed input and streams results"""
+        self._fed_until: int | None = None
+        self._feed_every = int(FEED_INTERVAL_S * self.sample_rate)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -175,7 +205,24 @@ class Scheduler:
             self._on_backend_event(event)
         while self.core.events:
             self._on_core_event(self.core.events.popleft())
+        self._feed()
         self._auto()
+
+    def _feed(self, force: bool = False) -> None:
+        """Send the input heard since the last feed to the worker's continuous encoder (at
+        least FEED_INTERVAL_S of it unless `force`)."""
+        if not self.streaming:
+            return
+        now, ring = self.core.now, self.core.input_ring
+        start = now if self._fed_until is None else max(self._fed_until, ring.oldest())
+        if now <= start or (not force and now - start < self._feed_every):
+            if self._fed_until is None:
+                self._fed_until = now
+            return
+        mono = ring.read(start, now).mean(axis=1, dtype=np.float32)
+        with self._backend_lock:
+            self.backend.feed(start, mono, self.sample_rate)
+        self._fed_until = now
 
     def note(self, text: str) -> None:
         """A notice for the performer (shown by the live view, logged)."""
@@ -198,16 +245,22 @@ class Scheduler:
             first_seed = p.seed if p.seed is not None else next(self._seeds) * 1000
             seeds = [first_seed + k for k in range(p.variations)]
             deadline_s = max(0.0, (target - now - self.safety) / self.sample_rate) if self.deadline_mode else None
-            if self.active is not None and self.active.status == "running":
-                self.cancel(self.active)
+            if self.active is not None and self.active.status == "running" and self.active.takes is None:
+                self.cancel(self.active)  # (a committed stream plays on; this job queues behind it)
             beat_times = self._beat_times(window)
             coarse_steps, c2f_steps = p.step_counts()
+            streaming = {}
+            if self.streaming:
+                streaming["stream"] = True
+                if trigger.source == "input":
+                    self._feed(force=True)  # the worker's stream then holds the whole window
+                    streaming["window_start"] = window[0]
             with self._backend_lock:
                 backend_id = self.backend.submit(
                     window_audio, self.sample_rate, preset=p.preset, coarse_steps=coarse_steps,
                     c2f_steps=c2f_steps, temperature=p.temperature, top_p=p.top_p, seeds=seeds,
                     beat_times_s=beat_times, deadline_s=deadline_s, periodic_prompt=p.periodic_prompt,
-                    upper_codebook_mask=p.upper_codebook_mask, mask_density=p.mask_density)
+                    upper_codebook_mask=p.upper_codebook_mask, mask_density=p.mask_density, **streaming)
             current = self.history.current
             job = JobState(next(self._ids), trigger, backend_id, window, target, now, seeds,
                            current.id if current else None)
@@ -262,6 +315,8 @@ class Scheduler:
             job = self._by_backend.get(event.job_id)
             if job is not None:
                 job.stage, job.fraction = event.stage, event.fraction
+        elif isinstance(event, JobChunk):
+            self._on_chunk(event)
         elif isinstance(event, JobResult):
             self._on_result(event)
         elif isinstance(event, WorkerLost):
@@ -280,18 +335,58 @@ class Scheduler:
                 if result.status == "failed":
                     self.note(f"vamp {job.id} failed: {result.error}")
                 return
-            if job.status == "cancelled":
+            if job.status == "cancelled" and job.takes is None:
                 return
             job.status = "ok"
-            candidates = [np.ascontiguousarray(a, dtype=np.float32) for a in result.audio]
-            parent = self.history.takes.get(job.parent) if job.parent is not None else None
-            bars = parent.bars if job.trigger.source == "loop" and parent is not None else job.trigger.bars
-            takes = self.history.add_candidates(candidates, job.id, job.parent, job.seeds,
-                                                job.trigger.params.preset, bars)
+            if job.takes is not None:  # streamed: already playing from its buffers
+                for take, audio in zip(job.takes, result.audio):
+                    take.audio[:] = audio  # (the same samples the pieces brought)
+                return
+            takes = self._add_takes(job, [np.ascontiguousarray(a, dtype=np.float32) for a in result.audio])
             now = self.core.now
             at = job.target if job.target >= now + self.safety else self._target(now + self.safety, job.trigger.quantize)
             job.swap_at = at
             self._swap_to(takes[0], at)
+
+    def _add_takes(self, job: JobState, candidates: list[np.ndarray]) -> list[Take]:
+        parent = self.history.takes.get(job.parent) if job.parent is not None else None
+        bars = parent.bars if job.trigger.source == "loop" and parent is not None else job.trigger.bars
+        return self.history.add_candidates(candidates, job.id, job.parent, job.seeds, job.trigger.params.preset, bars)
+
+    def _on_chunk(self, chunk: JobChunk) -> None:
+        """A piece of a streamed result: the first one commits the swap (see the module
+        docstring); every one is written into the takes' buffers, which may be playing."""
+        with self._lock:
+            job = self._by_backend.get(chunk.job_id)
+            if job is None or (job.status != "running" and job.takes is None):
+                return
+            if job.takes is None:
+                job.first_piece_s = time.perf_counter() - job.triggered_at
+                fill = self._playing_material(chunk.total_samples)
+                job.takes = self._add_takes(job, [fill.copy() for _ in range(chunk.audio.shape[0])])
+                self._write_piece(job, chunk)
+                now = self.core.now
+                lead_s = 0.0 if not self.realtime else \
+                    max(0.0, chunk.eta_s - chunk.total_samples / self.sample_rate) + STREAM_MARGIN * chunk.eta_s
+                earliest = now + self.safety + int(lead_s * self.sample_rate)
+                at = job.target if job.target >= earliest else self._target(earliest, job.trigger.quantize)
+                job.swap_at = at
+                self._swap_to(job.takes[0], at)
+            else:
+                self._write_piece(job, chunk)
+
+    @staticmethod
+    def _write_piece(job: JobState, chunk: JobChunk) -> None:
+        for take, audio in zip(job.takes, chunk.audio):
+            take.audio[chunk.offset:chunk.offset + audio.shape[0]] = audio
+
+    def _playing_material(self, n_samples: int) -> np.ndarray:
+        """float32 [n_samples, channels]: the current loop repeated (silence without one), what
+        a streamed take plays where a piece comes late."""
+        current = self.history.current
+        if current is None or current.audio.shape[0] == 0:
+            return np.zeros((n_samples, self.core.config.channels), np.float32)
+        return np.resize(current.audio, (n_samples, current.audio.shape[1])).astype(np.float32)
 
     def _swap_to(self, take: Take, at: int) -> None:
         self.core.post("swap", at, take.audio, at)

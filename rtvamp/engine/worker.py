@@ -10,7 +10,10 @@ process's GIL (docs/realtime.md, rule 2). Sockets (see :mod:`rtvamp.engine.proto
 - an inproc PAIR ("outbox"): the job thread hands its encoded Progress and Result frames
   (routing identity first) to the main thread, which forwards them on the ROUTER.
 
-The job thread runs one vamp at a time, jobs in order of arrival. A Cancel drops a queued job,
+The job thread runs one vamp at a time, jobs in order of arrival. Between jobs (and before
+each) it encodes the input engines feed it (Feed messages: one rtvamp.code_stream.CodeStream
+per engine), so an input trigger's window is usually encoded before the trigger; a streamed
+job is answered in Chunks as the decoder goes, then a Result without audio. A Cancel drops a queued job,
 or stops the running one at its next progress report (the Vamper reports after every sampling
 step). Every job ends with exactly one Result. Malformed messages are counted and dropped.
 """
@@ -32,12 +35,14 @@ import onnxruntime
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..bundle import resolve_bundle
-from ..vamp import Vamper, VampResult, VampSettings
+from ..bundle import BundleError, resolve_bundle
+from ..code_stream import CodeStream
+from ..codec import CodecReach
+from ..vamp import STREAM_CHUNK_FRAMES, Vamper, VampResult, VampSettings
 from .keys import (HANDSHAKE_FAILURES, CurveKeys, is_loopback, keys_dir, load_keys, secure_server,
                    start_authenticator)
-from .protocol import (MAX_AUDIO_BYTES, PROTOCOL_VERSION, Buffer, Cancel, Connect, Heartbeat, Hello, Job,
-                       Progress, ProtocolError, Result, Shutdown, WorkerInfo, decode_request, encode)
+from .protocol import (MAX_AUDIO_BYTES, PROTOCOL_VERSION, Buffer, Cancel, Chunk, Connect, Feed, Heartbeat, Hello,
+                       Job, Progress, ProtocolError, Result, Shutdown, WorkerInfo, decode_request, encode)
 
 log = logging.getLogger("rtvamp.worker")
 
@@ -49,6 +54,12 @@ PROGRESS_INTERVAL_S = 0.05
 
 WARM_UP_S = 0.5
 """seconds of audio vamped once at start, so the first real job pays no warm-up cost"""
+
+MAX_STREAMS = 8
+"""engines whose fed input the worker encodes continuously (the least recently fed is dropped)"""
+
+STREAM_CAPACITY_S = 60.0
+"""seconds of each engine's input (and its codes) the worker keeps"""
 
 
 class Cancelled(Exception):
@@ -81,10 +92,36 @@ class Identity:
         self.host = socket.gethostname()
         self.bundle = vamper.manifest.name or str(vamper.bundle.root)
         self.providers = providers_in_use(vamper)
+        try:
+            self.reach: CodecReach | None = CodecReach.of(vamper.manifest)
+        except BundleError as exc:  # an older bundle: no continuous encoding, no streamed decode
+            log.warning("%s", exc)
+            self.reach = None
+        self.streams: dict[bytes, CodeStream] = {}
+        """each engine's continuously encoded input, by the engine's routing identity"""
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(host=self.host, pid=os.getpid(), bundle=self.bundle, providers=self.providers,
-                          max_batch=self.vamper.max_batch, step_seconds=dict(self.vamper.step_seconds))
+                          max_batch=self.vamper.max_batch, step_seconds=dict(self.vamper.step_seconds),
+                          precision=self.vamper.precision,
+                          encode_seconds_per_second=max((s.seconds_per_second for s in list(self.streams.values())),
+                                                        default=0.0))
+
+    def feed(self, peer: bytes, message: Feed, mono: np.ndarray) -> None:
+        """Continue `peer`'s input stream (ignored without a reach or at another sample rate)."""
+        if self.reach is None or message.sample_rate != self.vamper.manifest.sample_rate:
+            return
+        stream = self.streams.pop(peer, None)
+        if stream is None:
+            stream = CodeStream(self.vamper.codec, self.reach, self.vamper.manifest.n_codebooks, STREAM_CAPACITY_S)
+        self.streams[peer] = stream                        # (most recently fed last)
+        while len(self.streams) > MAX_STREAMS:
+            del self.streams[next(iter(self.streams))]
+        try:
+            stream.feed(message.start_sample, mono)
+        except Exception:  # never lose the worker over one engine's stream: start it anew
+            log.exception("continuous encoding failed; restarting that stream")
+            stream.reset(message.start_sample + message.n_samples)
 
 
 def make_result(job: Job, identity: Identity, status: str, error: str = "", vamped: VampResult | None = None,
@@ -103,19 +140,30 @@ def result_frames(task: _Task, identity: Identity, status: str, error: str = "")
     return [task.peer, *encode(make_result(task.job, identity, status, error)[0])]
 
 
+ChunkSender = Callable[[Chunk, np.ndarray], None]
+
+
 def run_job(identity: Identity, job: Job, audio: np.ndarray, received: float,
-            progress: Callable[[str, float], None], cancelled: Callable[[], bool]) -> tuple[Result, np.ndarray | None]:
+            progress: Callable[[str, float], None], cancelled: Callable[[], bool],
+            stream: CodeStream | None = None, send_chunk: ChunkSender | None = None
+            ) -> tuple[Result, np.ndarray | None]:
     """Vamp one job on `identity.vamper` → its Result and audio. Never raises for a bad job.
 
     `received`: time.perf_counter() seconds of the job's arrival (the deadline counts from it);
     `progress` is the Vamper's callback and may raise :class:`Cancelled`; `cancelled()` is
-    asked once more after the last stage."""
+    asked once more after the last stage. A job that asks to be streamed (and can be: a codec
+    reach, the bundle's rate) is answered through `send_chunk` and a Result without audio;
+    its codes come from `stream` (the engine's continuously encoded input) when it holds
+    the window."""
     start = time.perf_counter()
     seconds = {"queued": start - received}
     try:
         if job.bundle is not None and job.bundle != identity.bundle:
             raise ValueError(f"this worker serves bundle {identity.bundle!r}, not {job.bundle!r}")
         finish_by = None if job.deadline_s is None else received + job.deadline_s
+        if job.stream and send_chunk is not None and identity.reach is not None \
+                and job.sample_rate == identity.vamper.manifest.sample_rate:
+            return _streamed(identity, job, audio, stream, send_chunk, finish_by, progress, cancelled, seconds)
         vamped = identity.vamper.vamp(audio, job.sample_rate, settings_of(job), beat_times_s=job.beat_times_s,
                                       finish_by=finish_by, progress=progress)
     except Cancelled:
@@ -130,6 +178,33 @@ def run_job(identity: Identity, job: Job, audio: np.ndarray, received: float,
     if cancelled():
         return make_result(job, identity, "cancelled", seconds=seconds)
     return make_result(job, identity, "ok", vamped=vamped, seconds=seconds)
+
+
+def _streamed(identity: Identity, job: Job, audio: np.ndarray, stream: CodeStream | None, send_chunk: ChunkSender,
+              finish_by: float | None, progress: Callable[[str, float], None], cancelled: Callable[[], bool],
+              seconds: dict[str, float]) -> tuple[Result, None]:
+    """A job answered in Chunks. seconds gains `first_sample` (job start → first Chunk sent)
+    and `stream_codes` (1 when the codes came from the code stream, 0 when encoded here)."""
+    vamper, start = identity.vamper, time.perf_counter()
+    prepared = None
+    if stream is not None and job.window_start is not None:
+        prepared = vamper.prepare_from_stream(stream, job.window_start, job.n_samples)
+    if prepared is None:
+        prepared = vamper.prepare(audio, job.sample_rate)
+    fine, _, stages = vamper.generate(prepared, settings_of(job), beat_times_s=job.beat_times_s, finish_by=finish_by,
+                                      progress=progress, first_decode_frames=STREAM_CHUNK_FRAMES[0])
+    seconds.update(stages)
+    t = time.perf_counter()
+    for offset, piece, eta in vamper.stream_audio(fine, prepared, job.n_channels, identity.reach):
+        if cancelled():
+            raise Cancelled
+        k, n, ch = piece.shape
+        send_chunk(Chunk(job_id=job.job_id, offset=offset, n_candidates=k, n_samples=n, n_channels=ch,
+                         total_samples=job.n_samples, eta_s=eta), piece)
+        seconds.setdefault("first_sample", time.perf_counter() - start)
+    seconds.update(decode=time.perf_counter() - t, postprocess=0.0, stream_codes=float(prepared.source == "stream"))
+    return Result(job_id=job.job_id, status="ok", worker=identity.info(), sample_rate=job.sample_rate,
+                  seconds=seconds), None
 
 
 def settings_of(job: Job) -> VampSettings:
@@ -149,6 +224,7 @@ class JobThread(threading.Thread):
         self._context, self._outbox_address = context, outbox
         self._cond = threading.Condition()
         self._queue: deque[_Task] = deque()
+        self._feeds: deque[tuple[bytes, Feed, np.ndarray]] = deque()
         self._running: _Task | None = None
         self._cancel_running = False
         self._stopping = False
@@ -158,6 +234,12 @@ class JobThread(threading.Thread):
     def submit(self, task: _Task) -> None:
         with self._cond:
             self._queue.append(task)
+            self._cond.notify()
+
+    def feed(self, peer: bytes, message: Feed, audio: np.ndarray) -> None:
+        """Queue a piece of an engine's input for continuous encoding (between jobs)."""
+        with self._cond:
+            self._feeds.append((peer, message, np.array(audio[:, 0], np.float32)))
             self._cond.notify()
 
     def cancel(self, peer: bytes, job_id: int) -> _Task | None:
@@ -189,26 +271,37 @@ class JobThread(threading.Thread):
         outbox.setsockopt(zmq.LINGER, 0)
         outbox.connect(self._outbox_address)
         try:
-            while (task := self._next()) is not None:
+            while (work := self._next()) is not None:
+                feeds, task = work
+                for peer, message, mono in feeds:  # (first: a job's window may need them)
+                    self.identity.feed(peer, message, mono)
+                if task is None:
+                    continue
                 outbox.send_multipart(self._run_task(task, outbox), copy=False)
                 with self._cond:
                     self._running, self._cancel_running = None, False
         finally:
             outbox.close()
 
-    def _next(self) -> _Task | None:
+    def _next(self) -> tuple[list[tuple[bytes, Feed, np.ndarray]], _Task | None] | None:
+        """(the fed audio received so far, the next job or None); None when stopping."""
         with self._cond:
-            while not self._queue and not self._stopping:
+            while not self._queue and not self._feeds and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return None
-            self._running = self._queue.popleft()
-            return self._running
+            feeds = list(self._feeds)
+            self._feeds.clear()
+            self._running = self._queue.popleft() if self._queue else None
+            return feeds, self._running
 
     def _run_task(self, task: _Task, outbox: zmq.Socket) -> list[Buffer]:
         """Vamp one job → its Result frames. Never raises for a bad job."""
+        def send_chunk(chunk: Chunk, piece: np.ndarray) -> None:
+            outbox.send_multipart([task.peer, *encode(chunk, piece)], copy=False)
+
         result, audio = run_job(self.identity, task.job, task.audio, task.received, self._progress(task, outbox),
-                                lambda: self._cancel_running)
+                                lambda: self._cancel_running, self.identity.streams.get(task.peer), send_chunk)
         return [task.peer, *encode(result, audio)]
 
     def _progress(self, task: _Task, outbox: zmq.Socket) -> Callable[[str, float], None]:
@@ -321,6 +414,8 @@ class Worker:
         self.peers.add(peer)
         if isinstance(message, Connect):
             self._hello(peer, message)
+        elif isinstance(message, Feed):
+            self.jobs.feed(peer, message, audio)
         elif isinstance(message, Job):
             self.jobs.submit(_Task(peer, message, audio, time.perf_counter()))
         elif isinstance(message, Cancel):
@@ -370,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{keys_dir()})")
     parser.add_argument("--bundle", help="bundle folder or installed name (default: the embedded tiny one)")
     parser.add_argument("--max-batch", type=int, default=2, help="most candidates per job")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"],
+                        help="transformer precision (auto: int8 on the CPU when the bundle's int8 agrees with fp32)")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is no longer the parent")
     parser.add_argument("--nice", type=int, default=10,
                         help="lower this process's CPU priority by this much (the audio process comes first)")
@@ -380,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         keys = None if args.curve_keys is None else load_keys(args.curve_keys or None, "server")
         check_bind(args.bind, keys)
-        vamper = Vamper(None if args.bundle is None else resolve_bundle(args.bundle), max_batch=args.max_batch)
+        vamper = Vamper(None if args.bundle is None else resolve_bundle(args.bundle), max_batch=args.max_batch,
+                        precision=args.precision)
         warm_up(vamper)
     except ValueError as exc:  # KeysError, InsecureBindError, BundleError and friends: a message for the user
         log.error("cannot start: %s", exc)
@@ -391,9 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     except zmq.ZMQError as exc:
         log.error("cannot bind %s: %s", args.bind, exc)
         return 2
-    log.info("serving bundle %r on %s (%s; providers %s; step costs %s)", worker.identity.bundle, args.bind,
-             "CURVE" if keys else "no encryption: loopback only", ", ".join(worker.identity.providers),
-             worker.identity.info().step_seconds)
+    log.info("serving bundle %r on %s (%s; providers %s; precision %s; step costs %s)", worker.identity.bundle,
+             args.bind, "CURVE" if keys else "no encryption: loopback only", ", ".join(worker.identity.providers),
+             vamper.precision, worker.identity.info().step_seconds)
     try:
         worker.serve()
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ def render(engine: Engine, audio_in: np.ndarray, block_frames: int = 256, action
     source = np.ascontiguousarray(audio_in, dtype=np.float32)
     pending = sorted(actions, key=lambda a: a[0])
     scheduler = engine.scheduler
+    scheduler.realtime = not wait_for_jobs
     for start in range(0, n, block_frames):
         stop = min(start + block_frames, n)
         scheduler.poll()
