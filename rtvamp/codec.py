@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import onnxruntime
 
 from .bundle import Bundle, BundleError, Manifest
 from .sessions import make_session
@@ -89,6 +90,11 @@ class Codec:
         self.hop_length = bundle.manifest.hop_length
         self._encoder = make_session(bundle.path("codec_encoder"), threads)
         self._decoder = make_session(bundle.path("codec_decoder"), threads)
+
+    @property
+    def sessions(self) -> list[onnxruntime.InferenceSession]:
+        """The encoder's and the decoder's onnxruntime sessions."""
+        return [self._encoder, self._decoder]
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
         """audio float32 [B, 1, N samples] at the bundle rate → codes int64 [B, n_cb, ⌈N/hop⌉].

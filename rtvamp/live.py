@@ -202,8 +202,10 @@ class LiveSession:
             grid.add_row("vamp", f"#{job.id} {job.trigger.source} {progress}",
                          "last vamp", (f"sound after {job.first_piece_s:.2f} s, " if job.first_piece_s else "")
                          + (f"whole {job.wall_latency_s:.2f} s" if job.wall_latency_s else "–"))
-        precision = f", {self.worker.info.precision}" if self.worker.info and self.worker.info.precision else ""
-        grid.add_row("worker", f"{self.options.backend}{precision}, restarts {self.worker.restarts}",
+        info = self.worker.info
+        precision = f", {info.precision}" if info and info.precision else ""
+        encoding = f", encoding {info.encode_seconds_per_second:.2f} s/s" if info and info.encode_seconds_per_second else ""
+        grid.add_row("worker", f"{self.options.backend}{precision}{encoding}, restarts {self.worker.restarts}",
                      "latency comp.", f"{s.latency} samples")
         if self.midi is not None:
             grid.add_row("midi", self.midi.status(), "", "")

@@ -50,6 +50,11 @@ class Transformer:
             np.zeros(max_batch * self.n_predict * max_frames * self.vocab_size, dtype=np.float32),
             lambda shape: (shape[0], self.n_predict, shape[2], self.vocab_size))
 
+    @property
+    def session(self):
+        """The onnxruntime session (onnxruntime.InferenceSession)."""
+        return self._runner.session
+
     def logits(self, codes: np.ndarray) -> np.ndarray:
         shape = codes.shape
         if len(shape) != 3 or shape[1] != self.n_codebooks:

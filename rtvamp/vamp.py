@@ -157,6 +157,11 @@ class Vamper:
         """measured seconds of one step per stage and chunk length (`coarse/575`, `c2f/173`),
         exponentially averaged; the deadline mode plans with it"""
 
+    @property
+    def sessions(self) -> list:
+        """Every onnxruntime session of the Vamper: encoder, decoder, coarse, c2f."""
+        return [*self.codec.sessions, self.coarse.session, self.c2f.session]
+
     # -- stages -------------------------------------------------------------------------------
 
     def encode(self, mono: np.ndarray) -> np.ndarray:

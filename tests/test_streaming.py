@@ -208,3 +208,94 @@ def msgspec_feed(start: int, mono: np.ndarray, rate: int):
     from rtvamp.engine.protocol import Feed
 
     return Feed(start_sample=start, n_samples=len(mono), sample_rate=rate)
+
+
+# -- the scheduler: commit at the first piece only when the decoder stays ahead ----------------
+
+class ScriptedStreamingBackend:
+    """A backend whose streamed pieces and estimates the test writes itself. A test double, not
+    a mock of something that could run here: a real worker cannot be made to report a given
+    decode estimate on demand, and the commit rule is about exactly that. (The real worker's
+    streaming is tested above and in test_engine / test_soak.)"""
+
+    supports_streaming = True
+
+    def __init__(self) -> None:
+        self.submitted: list[dict] = []
+        self.fed: list[tuple[int, int]] = []
+        self.cancelled: list[int] = []
+        self.queue: list = []
+
+    def submit(self, audio, sample_rate, **options) -> int:
+        self.submitted.append({"n": len(audio), **options})
+        return len(self.submitted)
+
+    def feed(self, start_sample: int, mono: np.ndarray, sample_rate: int) -> None:
+        self.fed.append((start_sample, start_sample + len(mono)))
+
+    def cancel(self, job_id: int) -> None:
+        self.cancelled.append(job_id)
+
+    def events(self, timeout_s: float = 0.0) -> list:
+        out, self.queue = self.queue, []
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def test_scheduler_commits_a_stream_only_when_the_decoder_stays_ahead():
+    from rtvamp.engine.backend import JobChunk, JobResult
+    from rtvamp.engine.core import CoreConfig
+    from rtvamp.engine.engine import Engine, EngineConfig
+    from rtvamp.engine.scheduler import FEED_INTERVAL_S, STREAM_MARGIN, Trigger, VampParams
+    from rtvamp.engine.transport import Quantize
+
+    sr, bar = 44100, 2 * 44100                           # 120 BPM
+    backend = ScriptedStreamingBackend()
+    engine = Engine(backend, EngineConfig(core=CoreConfig(crossfade_ms=10), deadline_mode=False), threaded=False)
+    sched, core = engine.scheduler, engine.core
+    loop = np.full((bar, 2), 0.25, np.float32)
+    sched.load_loop(loop, bars=1, quantize=Quantize.OFF)
+    block_in, block_out = np.full((256, 2), 0.1, np.float32), np.zeros((256, 2), np.float32)
+
+    def run_until(sample: int) -> None:
+        while core.now < sample:
+            engine.process(block_in, block_out, core.now)
+            sched.poll()
+
+    run_until(int(2.3 * sr))
+    # continuous encoding: the input went to the worker in contiguous pieces of ≥ 0.5 s
+    assert backend.fed and all(b - a >= FEED_INTERVAL_S * sr for a, b in backend.fed)
+    assert all(nxt[0] == prev[1] for prev, nxt in zip(backend.fed, backend.fed[1:]))
+
+    job = sched.trigger(Trigger("input", bars=1, quantize=Quantize.BAR, params=VampParams(seed=1)))
+    assert backend.fed[-1][1] == core.now                # fed up to the trigger
+    assert backend.submitted[-1]["stream"] and backend.submitted[-1]["window_start"] == job.window[0]
+    n = job.window[1] - job.window[0]
+    # a decoder that needs 3 s for this 2 s window cannot stay ahead from the next bar line
+    eta = 3.0
+    first = np.full((1, 1000, 2), 0.5, np.float32)
+    backend.queue.append(JobChunk(job.backend_id, 0, first, n, eta))
+    sched.poll()
+    earliest = core.now + sched.safety + int((eta - n / sr + STREAM_MARGIN * eta) * sr)
+    assert job.swap_at is not None and job.swap_at > job.target and job.swap_at % bar == 0
+    assert job.swap_at - bar < earliest <= job.swap_at  # the first bar line from which it stays ahead
+    take = job.takes[0]
+    assert take.audio.shape == (n, 2)
+    np.testing.assert_array_equal(take.audio[:1000], first[0])
+    np.testing.assert_array_equal(take.audio[1000:], 0.25)   # the playing loop until pieces come
+    # a newer trigger does not cancel a committed stream
+    second = sched.trigger(Trigger("loop", quantize=Quantize.BAR, params=VampParams(seed=2)))
+    assert backend.cancelled == [] and second.id != job.id
+    backend.queue.append(JobChunk(job.backend_id, 1000, np.full((1, n - 1000, 2), 0.75, np.float32), n, 0.0))
+    sched.poll()
+    np.testing.assert_array_equal(take.audio[1000:], 0.75)
+    whole = np.concatenate([first, np.full((1, n - 1000, 2), 0.75, np.float32)], axis=1)
+    backend.queue.append(JobResult(job.backend_id, "ok", "", whole, sr, {}, 1.0, None))
+    sched.poll()
+    assert job.status == "ok" and sched.history.takes[take.id] is take
+    # the second job's decoder is fast: committed to its own target
+    backend.queue.append(JobChunk(second.backend_id, 0, first, second.window[1] - second.window[0], 0.2))
+    sched.poll()
+    assert second.swap_at == second.target

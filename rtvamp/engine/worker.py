@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
-import onnxruntime
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -79,9 +78,7 @@ class _Task:
 def providers_in_use(vamper: Vamper) -> list[str]:
     """The onnxruntime execution providers the Vamper's four sessions use, preferred first
     (e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"])."""
-    sessions: list[onnxruntime.InferenceSession] = [
-        vamper.codec._encoder, vamper.codec._decoder, vamper.coarse._runner.session, vamper.c2f._runner.session]
-    return list(dict.fromkeys(p for s in sessions for p in s.get_providers()))
+    return list(dict.fromkeys(p for s in vamper.sessions for p in s.get_providers()))
 
 
 class Identity:
