@@ -117,17 +117,43 @@ class Prepared:
     """wall seconds of the preparing stages (preprocess, encode)"""
 
 
-STREAM_CHUNK_FRAMES = (16, 32, 64, 128)
-"""frames per streamed decode piece: the first pieces small (the first sample early), then
-larger (each piece decodes the decoder's reach of extra frames on both sides)"""
+GROWING_PIECES = (16, 32, 64, 128)
+"""frames per streamed decode piece when the decoder is fast: the first pieces small (the first
+sample early), then larger (each piece also decodes the decoder's reach on both sides)"""
 
 
-def _chunk_sizes(n_frames: int) -> Iterator[int]:
-    done, k = 0, 0
+def plan_pieces(n_frames: int, reach: CodecReach, seconds_per_frame: float | None, frame_s: float) -> list[int]:
+    """Frames per streamed decode piece: of growing pieces and 1–4 equal ones, the plan from
+    which playback can start soonest (`playback_lead`) given the decoder's measured seconds per
+    decoded frame. A decoder faster than playback gets small first pieces; a slow one (each
+    piece pays for its context frames) few large ones, down to one whole decode."""
+    growing, done, k = [], 0, 0
     while done < n_frames:
-        size = min(STREAM_CHUNK_FRAMES[min(k, len(STREAM_CHUNK_FRAMES) - 1)], n_frames - done)
-        yield size
+        size = min(GROWING_PIECES[min(k, len(GROWING_PIECES) - 1)], n_frames - done)
+        growing.append(size)
         done, k = done + size, k + 1
+    if seconds_per_frame is None:
+        return growing
+    plans = [growing] + [[len(part) for part in np.array_split(np.arange(n_frames), k)] for k in (1, 2, 3, 4)
+                         if k <= n_frames]
+    return min(plans, key=lambda sizes: playback_lead(sizes, reach, seconds_per_frame, frame_s))
+
+
+def decoded_frames(sizes: Sequence[int], reach: CodecReach) -> list[int]:
+    """Frames each streamed piece decodes: its own and its context (the decoder's reach)."""
+    n_frames, start, out = sum(sizes), 0, []
+    for size in sizes:
+        out.append(min(n_frames, start + size + reach.decoder_right) - max(0, start - reach.decoder_left))
+        start += size
+    return out
+
+
+def playback_lead(sizes: Sequence[int], reach: CodecReach, seconds_per_frame: float, frame_s: float) -> float:
+    """Seconds from the start of a streamed decode until playback may start and never overtake
+    the decoder: the worst of (piece ready − piece's place in the window)."""
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    ready = np.cumsum(decoded_frames(sizes, reach)) * seconds_per_frame
+    return float(max(0.0, (ready - starts * frame_s).max()))
 
 
 def _chunk_seeds(seeds: Sequence[int], stage: int, chunk: int) -> list[int]:
@@ -295,12 +321,12 @@ class Vamper:
 
     def generate(self, prepared: Prepared, settings: VampSettings | None = None, mask: np.ndarray | None = None,
                  beat_times_s: Sequence[float] | None = None, finish_by: float | None = None,
-                 progress: Progress | None = None, first_decode_frames: int | None = None
+                 progress: Progress | None = None, streamed: bool = False
                  ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """Mask, coarse and C2F over prepared codes → (codes [candidates, n_cb, T], the mask,
         seconds per stage so far). `beat_times_s` count from the window's first sample.
-        `first_decode_frames`: a streamed decode needs only that many frames decoded before
-        the first sample (the deadline plans with it); None: the whole window."""
+        `streamed`: the result will be decoded by `stream_audio` (the deadline then plans for
+        playback to start, not for the whole decode)."""
         settings = settings or VampSettings()
         n_cand = len(settings.seeds)
         if not 1 <= n_cand <= self.max_batch:
@@ -317,7 +343,7 @@ class Vamper:
         batch_codes = np.repeat(codes, n_cand, axis=0)
         batch_mask = np.repeat(mask.astype(np.int64), n_cand, axis=0)
         coarse_deadline = None if finish_by is None else \
-            finish_by - self._rest_after_coarse(n_frames, settings, first_decode_frames)
+            finish_by - self._rest_after_coarse(n_frames, settings, streamed)
         coarse = self.coarse_vamp(batch_codes, batch_mask, settings.coarse, settings.seeds,
                                   finish_by=coarse_deadline, progress=progress)
         t3 = time.perf_counter()
@@ -330,36 +356,37 @@ class Vamper:
         """Streamed decode of generated codes → (first window sample, audio float32 [candidates,
         n, n_channels] at the bundle rate, estimated seconds until the last piece) in order,
         covering the window [0, n_samples), brought to the input's loudness as they go
-        (audio.StreamLevel). Pieces grow (STREAM_CHUNK_FRAMES) so the first sample comes early
-        and later pieces waste little on their context frames."""
+        (audio.StreamLevel), in pieces planned from the decoder's measured speed
+        (`plan_pieces`)."""
         hop, n_frames = self.manifest.hop_length, fine.shape[-1]
-        start, t = 0, time.perf_counter()
+        sizes = plan_pieces(n_frames, reach, self.step_seconds.get("decode/frame"), hop / self.manifest.sample_rate)
+        work = decoded_frames(sizes, reach)
         level = audio_ops.StreamLevel(fine.shape[0], self.manifest.sample_rate, prepared.level)
-        for size in _chunk_sizes(n_frames):
+        start = 0
+        for i, size in enumerate(sizes):
             t0, stop = time.perf_counter(), start + size
             lo, hi = max(0, start - reach.decoder_left), min(n_frames, stop + reach.decoder_right)
             audio = self.codec.decode(fine[..., lo:hi])[:, 0, (start - lo) * hop:(stop - lo) * hop]
-            self._measure("stream_decode/frame", (time.perf_counter() - t0) / size)
+            self._measure("decode/frame", (time.perf_counter() - t0) / (hi - lo))
             first = max(0, start * hop - prepared.offset)              # window samples
             last = min(prepared.n_samples, stop * hop - prepared.offset)
             if last > first:
                 piece = audio[:, first + prepared.offset - start * hop:last + prepared.offset - start * hop]
-                eta = self.step_seconds["stream_decode/frame"] * (n_frames - stop)
+                eta = self.step_seconds["decode/frame"] * sum(work[i + 1:])
                 yield first, np.repeat(level.apply(piece)[:, :, None], n_channels, axis=2), eta
             start = stop
-        self._measure("decode/frame", (time.perf_counter() - t) / n_frames)
 
-    def _rest_after_coarse(self, n_frames: int, settings: VampSettings, decode_frames: int | None = None) -> float:
+    def _rest_after_coarse(self, n_frames: int, settings: VampSettings, streamed: bool = False) -> float:
         """Planned seconds after the coarse stage, from measured costs (0 until measured): C2F,
-        then the whole decode — or, streamed (`decode_frames` before the first sample), that
-        first piece plus whatever lead a decoder slower than playback needs to stay ahead."""
+        then the whole decode — or, streamed, until playback may start (`playback_lead`)."""
         chunk = self.manifest.c2f_chunk_frames
         c2f = self.step_seconds.get(f"c2f/{chunk}", 0.0) * settings.c2f.steps * -(-n_frames // chunk)
-        if decode_frames is None:
-            return c2f + self.step_seconds.get("decode/frame", 0.0) * n_frames
-        per_frame = self.step_seconds.get("stream_decode/frame", self.step_seconds.get("decode/frame", 0.0))
-        window_s = n_frames * self.manifest.hop_length / self.manifest.sample_rate
-        return c2f + per_frame * min(decode_frames, n_frames) + max(0.0, per_frame * n_frames - window_s)
+        per_frame = self.step_seconds.get("decode/frame", 0.0)
+        if not streamed or not per_frame:
+            return c2f + per_frame * n_frames
+        reach = CodecReach.of(self.manifest)
+        frame_s = self.manifest.hop_length / self.manifest.sample_rate
+        return c2f + playback_lead(plan_pieces(n_frames, reach, per_frame, frame_s), reach, per_frame, frame_s)
 
     def _postprocess(self, mono: np.ndarray, level: float, sample_rate: int, shape: tuple[int, int]) -> np.ndarray:
         """Bundle-rate mono → input loudness, input rate and length, input channel count."""

@@ -299,3 +299,22 @@ def test_scheduler_commits_a_stream_only_when_the_decoder_stays_ahead():
     backend.queue.append(JobChunk(second.backend_id, 0, first, second.window[1] - second.window[0], 0.2))
     sched.poll()
     assert second.swap_at == second.target
+
+
+def test_decode_pieces_are_planned_from_the_decoders_speed():
+    """Fast decoder: small first pieces; one as fast as playback: a few equal pieces; a slow one
+    (this CPU's full-size decoder, ~4× slower than real time): one whole decode — each piece
+    pays for its context frames, so streaming a slow decoder would only start later."""
+    from rtvamp.vamp import GROWING_PIECES, decoded_frames, plan_pieces, playback_lead
+
+    reach = CodecReach(hop=768, encoder_left=4117, encoder_right=4117, decoder_left=18, decoder_right=18)
+    frame_s = 768 / 44100
+    assert plan_pieces(230, reach, None, frame_s)[:3] == list(GROWING_PIECES[:3])     # not measured yet
+    assert plan_pieces(230, reach, 0.1 * frame_s, frame_s)[:3] == list(GROWING_PIECES[:3])
+    assert plan_pieces(230, reach, 4 * frame_s, frame_s) == [230]
+    even = plan_pieces(230, reach, frame_s, frame_s)
+    assert 1 < len(even) <= 4 and sum(even) == 230
+    for speed in (0.1, 0.5, 1.0, 2.0, 4.0):
+        plan = plan_pieces(230, reach, speed * frame_s, frame_s)
+        assert playback_lead(plan, reach, speed * frame_s, frame_s) <= playback_lead([230], reach, speed * frame_s, frame_s)
+    assert decoded_frames([16, 32, 182], reach) == [16 + 18, 16 + 32 + 18, 18 + 182]  # (none before 0)

@@ -37,7 +37,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ..bundle import BundleError, resolve_bundle
 from ..code_stream import CodeStream
 from ..codec import CodecReach
-from ..vamp import STREAM_CHUNK_FRAMES, Vamper, VampResult, VampSettings
+from ..vamp import Vamper, VampResult, VampSettings
 from .keys import (HANDSHAKE_FAILURES, CurveKeys, is_loopback, keys_dir, load_keys, secure_server,
                    start_authenticator)
 from .protocol import (MAX_AUDIO_BYTES, PROTOCOL_VERSION, Buffer, Cancel, Chunk, Connect, Feed, Heartbeat, Hello,
@@ -189,7 +189,7 @@ def _streamed(identity: Identity, job: Job, audio: np.ndarray, stream: CodeStrea
     if prepared is None:
         prepared = vamper.prepare(audio, job.sample_rate)
     fine, _, stages = vamper.generate(prepared, settings_of(job), beat_times_s=job.beat_times_s, finish_by=finish_by,
-                                      progress=progress, first_decode_frames=STREAM_CHUNK_FRAMES[0])
+                                      progress=progress, streamed=True)
     seconds.update(stages)
     t = time.perf_counter()
     for offset, piece, eta in vamper.stream_audio(fine, prepared, job.n_channels, identity.reach):
