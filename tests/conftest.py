@@ -54,3 +54,17 @@ def run_isolated(code: str, timeout_s: float = 300) -> dict:
                           timeout=timeout_s)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class SharedBackend:
+    """A backend that several engines of one test module use in turn: an engine's close leaves
+    it running (the module's fixture closes it)."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+    def close(self) -> None:
+        pass

@@ -27,6 +27,7 @@ from rtvamp.bridge.wire import Flag, FrameHeader, WireError
 from rtvamp.engine.backend import LocalWorker
 from rtvamp.engine.core import CoreConfig
 from rtvamp.engine.engine import Engine, EngineConfig
+from conftest import SharedBackend
 
 VECTORS = Path(__file__).resolve().parent.parent / "bridge" / "vectors"
 SR = 44100
@@ -104,14 +105,7 @@ def worker():
 
 
 def make_engine(worker) -> Engine:
-    class Shared:  # the module's worker outlives each engine
-        def __getattr__(self, name):
-            return getattr(worker, name)
-
-        def close(self):
-            pass
-
-    engine = Engine(Shared(), EngineConfig(core=CoreConfig(sample_rate=SR, crossfade_ms=10)))
+    engine = Engine(SharedBackend(worker), EngineConfig(core=CoreConfig(sample_rate=SR, crossfade_ms=10)))
     engine.core.post("gains", 0.0, 1.0)
     return engine
 

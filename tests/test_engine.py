@@ -16,6 +16,7 @@ from rtvamp.engine.scheduler import Trigger, VampParams
 from rtvamp.engine.transport import Quantize
 from rtvamp.io.file_driver import render
 from rtvamp.synth import groove
+from conftest import SharedBackend
 
 SR = 44100
 BAR = 2 * SR  # 120 BPM, 4/4
@@ -38,14 +39,7 @@ def stereo(x: np.ndarray) -> np.ndarray:
 
 
 def make_engine(worker, deadline_mode: bool = False, **kw) -> Engine:
-    class Shared:  # the module's worker outlives each engine
-        def __getattr__(self, name):
-            return getattr(worker, name)
-
-        def close(self):
-            pass
-
-    return Engine(Shared(), EngineConfig(core=CoreConfig(crossfade_ms=10), deadline_mode=deadline_mode, **kw),
+    return Engine(SharedBackend(worker), EngineConfig(core=CoreConfig(crossfade_ms=10), deadline_mode=deadline_mode, **kw),
                   threaded=False)
 
 

@@ -35,6 +35,7 @@ from rtvamp.midi import (MappingError, MidiControl, MidiError, MidiInput, MidiOu
 from rtvamp.midi.clock import PPQN  # noqa: E402
 from rtvamp.synth import groove  # noqa: E402
 
+from conftest import SharedBackend  # noqa: E402
 from jack_server import jack_dummy  # noqa: E402
 
 SR = 44100
@@ -160,14 +161,7 @@ class NoVamps:
 
 
 def make_engine(backend, threaded: bool = False) -> Engine:
-    class Shared:  # the module's worker outlives each engine
-        def __getattr__(self, name):
-            return getattr(backend, name)
-
-        def close(self):
-            pass
-
-    return Engine(Shared(), EngineConfig(core=CoreConfig(crossfade_ms=10), deadline_mode=False), threaded=threaded)
+    return Engine(SharedBackend(backend), EngineConfig(core=CoreConfig(crossfade_ms=10), deadline_mode=False), threaded=threaded)
 
 
 def midi_in(spec: str = SENDER) -> MidiInput:

@@ -318,3 +318,48 @@ def test_decode_pieces_are_planned_from_the_decoders_speed():
         plan = plan_pieces(230, reach, speed * frame_s, frame_s)
         assert playback_lead(plan, reach, speed * frame_s, frame_s) <= playback_lead([230], reach, speed * frame_s, frame_s)
     assert decoded_frames([16, 32, 182], reach) == [16 + 18, 16 + 32 + 18, 18 + 182]  # (none before 0)
+
+
+@pytest.mark.parametrize("backlog_s, from_stream", [(1.0, True), (6.0, False)])
+def test_worker_drops_a_backlog_dearer_than_the_window(backlog_s, from_stream):
+    """Input fed while the worker was busy is encoded before the next job only when that costs
+    less than encoding the job's window (2 s) itself; a longer backlog is dropped."""
+    import zmq
+
+    from rtvamp.engine.backend import make_job
+    from rtvamp.engine.protocol import Result, decode_reply
+    from rtvamp.engine.worker import Identity, JobThread, _Task
+    from rtvamp.vamp import Vamper
+
+    identity = Identity(Vamper(max_batch=1))             # the embedded tiny bundle
+    rate = identity.vamper.manifest.sample_rate
+    audio = _music(16.0, rate)[:int(8 * rate)] * 3     # (the loud half: one steady level)
+    settled = int(8 * rate - backlog_s * rate)           # fed while idle
+    for k in range(0, settled, rate // 2):
+        identity.feed(b"e", msgspec_feed(k, audio[k:min(k + rate // 2, settled)], rate),
+                      audio[k:min(k + rate // 2, settled)])
+    context = zmq.Context()
+    outbox = context.socket(zmq.PAIR)
+    outbox.bind("inproc://test-backlog")
+    jobs = JobThread(identity, context, "inproc://test-backlog")
+    try:
+        for k in range(settled, len(audio), rate // 2):  # the backlog, queued with the job
+            piece = audio[k:k + rate // 2]
+            jobs.feed(b"e", msgspec_feed(k, piece, rate), piece[:, None])
+        start, n = len(audio) - 2 * rate - 1000, 2 * rate
+        window = np.repeat(audio[start:start + n, None], 2, axis=1)
+        job = make_job(1, window, rate, preset="medium-variation", coarse_steps=2, c2f_steps=1, seeds=[3],
+                       window_start=start, stream=True)
+        jobs.submit(_Task(b"e", job, window, time.perf_counter()))
+        jobs.start()
+        result = None
+        while not isinstance(result, Result):
+            assert outbox.poll(60_000)
+            result, _ = decode_reply(outbox.recv_multipart()[1:])
+        assert result.status == "ok" and result.seconds["stream_codes"] == float(from_stream)
+        assert (identity.streams[b"e"].engine_end == len(audio)) is from_stream
+    finally:
+        jobs.stop()
+        jobs.join(5)
+        outbox.close()
+        context.term()

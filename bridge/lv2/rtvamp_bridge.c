@@ -4,7 +4,12 @@
  * Threads. The host's audio thread (run) never blocks, allocates or locks: it copies each
  * block into a lock-free single-producer ring (tx) and wakes the network thread through an
  * eventfd; it reads the engine's replies from a second ring (rx). The network thread owns the
- * ZeroMQ sockets: handshake, sending frames, receiving replies, reconnecting.
+ * ZeroMQ sockets: handshake, sending frames, receiving replies, reconnecting. A reply must be
+ * back within `latency` samples (2 blocks: 11.6 ms at 256 frames, 44.1 kHz), so when the host's
+ * audio thread runs real-time (SCHED_FIFO/RR), the network thread and ZeroMQ's I/O thread ask
+ * for real-time scheduling too, at priority 1: below the host's audio thread, above every
+ * normal thread (on a loaded machine a normal-priority round trip misses that deadline often).
+ * Without the permission (RLIMIT_RTPRIO, CAP_SYS_NICE) they stay as they are.
  *
  * Timeline. `pos` counts samples since activate(). The output at pos is the engine's reply
  * for pos − latency when it has arrived, else the plugin's own input at pos − latency (the
@@ -20,6 +25,7 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,6 +55,8 @@
 #define RETRY_MS 1000
 #define SILENCE_MS 1500 /* no reply for this long while sending: the engine is gone */
 #define FREEWHEEL_WAIT_S 3.0
+#define MAX_SKIP_BLOCKS 16 /* a jump of the host's frame up to this many blocks, same tempo: the same grid */
+#define NET_PRIORITY 1 /* SCHED_FIFO priority of the network thread, when the host's audio thread is real-time */
 
 static const char *PRESETS[] = {"timbre-transfer",   "small-variation",
                                 "small-variation-follow-beat", "medium-variation",
@@ -122,6 +130,7 @@ typedef struct {
     _Atomic uint32_t trigger_bars, trigger_preset;
     _Atomic uint32_t trigger_temperature_milli;
     _Atomic uint32_t block_atomic, jitter_atomic;
+    _Atomic int host_policy, host_priority; /* the host's audio thread's scheduling (its first run) */
     _Atomic int running;
 
     /* network thread */
@@ -244,7 +253,13 @@ static void activate(LV2_Handle h) {
     b->discontinuity = 1;
     b->last_trigger = 0;
     b->concealed = 0;
+    /* Touch every page the audio thread will write (calloc's large blocks are untouched
+     * mappings): a first touch in run() would be a page fault on the host's audio thread. */
     memset(b->dry, 0, (size_t)HISTORY * CHANNELS * sizeof(float));
+    memset(b->wet, 0, (size_t)HISTORY * CHANNELS * sizeof(float));
+    memset(b->tx, 0, SLOTS * sizeof(tx_slot));
+    memset(b->rx, 0, SLOTS * sizeof(rx_slot));
+    memset(b->midi, 0, MIDI_SLOTS * sizeof(midi_slot));
     for (int i = 0; i < HISTORY; i++) b->wet_pos[i] = -1;
     atomic_store(&b->tx_head, 0);
     atomic_store(&b->tx_tail, 0);
@@ -259,6 +274,8 @@ static void activate(LV2_Handle h) {
     atomic_store(&b->next_pos, 0);
     atomic_store(&b->first_pos, INT64_MAX);
     atomic_store(&b->block_atomic, 0);
+    atomic_store(&b->host_policy, SCHED_OTHER);
+    atomic_store(&b->host_priority, 0);
     atomic_store(&b->running, 1);
     b->thread_started = pthread_create(&b->thread, NULL, network_main, b) == 0;
 }
@@ -281,6 +298,21 @@ static void cleanup(LV2_Handle h) {
 }
 
 /* -- audio thread ---------------------------------------------------------------------------- */
+
+/* The host's position m frames on (m < 0: back), at its tempo (transport valid and rolling). */
+static void advance_position(Bridge *b, int64_t m) {
+    b->daw_frame += m;
+    b->bar_beat += (double)m * b->bpm * b->speed / (60.0 * b->rate);
+    while (b->bar_beat >= b->beats_per_bar) {
+        b->bar_beat -= b->beats_per_bar;
+        b->bar++;
+    }
+    while (b->bar_beat < 0.0 && b->bar > 0) {
+        b->bar_beat += b->beats_per_bar;
+        b->bar--;
+    }
+    if (b->bar_beat < 0.0) b->bar_beat = 0.0; /* rounding just before bar 0 */
+}
 
 static void read_events(Bridge *b) {
     if (!b->events || !b->time_Position) return;
@@ -308,16 +340,32 @@ static void read_events(Bridge *b) {
      : (atom)->type == b->atom_Int    ? (double)((const LV2_Atom_Int *)(atom))->body                          \
      : (atom)->type == b->atom_Long   ? (double)((const LV2_Atom_Long *)(atom))->body                         \
                                       : NAN)
-            double old_bpm = b->bpm;
+            double old_bpm = b->bpm, old_bpb = b->beats_per_bar;
+            int rolling = b->transport_valid && b->speed != 0.0;
             if (bpm) b->bpm = NUM(bpm);
             if (bpb) b->beats_per_bar = NUM(bpb);
-            if (beat) b->bar_beat = NUM(beat);
-            if (bar) b->bar = (int64_t)NUM(bar);
             if (speed) b->speed = NUM(speed);
-            if (frame) {
-                int64_t f = (int64_t)NUM(frame);
-                if (f != b->daw_frame || b->bpm != old_bpm) b->discontinuity = 1;
-                b->daw_frame = f;
+            int64_t skip = frame ? (int64_t)NUM(frame) - b->daw_frame : 0;
+            int same_grid = frame && rolling && b->speed != 0.0 && b->bpm == old_bpm &&
+                            b->beats_per_bar == old_bpb && llabs(skip) <= MAX_SKIP_BLOCKS * (int64_t)b->block &&
+                            (double)b->bar * b->beats_per_bar + b->bar_beat >=
+                                -(double)skip * b->bpm / (60.0 * b->rate); /* not before bar 0 */
+            if (same_grid) {
+                /* The running timeline, or a small jump on it (the host's xrun, or a position
+                 * misread for one cycle): the position follows the frame on the same grid,
+                 * exactly. The host's BBT is not taken here: JACK's has tick precision (1/1920
+                 * beat) and, around an xrun, can lag its frame by a cycle (the timebase master
+                 * computes it a cycle ahead). */
+                advance_position(b, skip);
+                if (skip) b->discontinuity = 1;
+            } else {
+                if (beat) b->bar_beat = NUM(beat);
+                if (bar) b->bar = (int64_t)NUM(bar);
+                if (frame) {
+                    int64_t f = (int64_t)NUM(frame);
+                    if (f != b->daw_frame || b->bpm != old_bpm) b->discontinuity = 1;
+                    b->daw_frame = f;
+                }
             }
 #undef NUM
             b->transport_valid = isfinite(b->bpm) && b->bpm >= 1 && b->bpm <= 1000 && isfinite(b->beats_per_bar) &&
@@ -353,15 +401,7 @@ static void send_block(Bridge *b, uint32_t off, uint32_t m) {
     for (uint32_t i = 0; i < m; i++)
         for (int c = 0; c < CHANNELS; c++) s->x[i * CHANNELS + c] = b->in[c][off + i];
     atomic_store_explicit(&b->tx_head, head + 1, memory_order_release);
-    /* advance the host's position by m frames */
-    if (b->transport_valid && b->speed != 0.0) {
-        b->daw_frame += m;
-        b->bar_beat += m * b->bpm * b->speed / (60.0 * b->rate);
-        while (b->bar_beat >= b->beats_per_bar) {
-            b->bar_beat -= b->beats_per_bar;
-            b->bar++;
-        }
-    }
+    if (b->transport_valid && b->speed != 0.0) advance_position(b, m);
 }
 
 static void drain_replies(Bridge *b) {
@@ -398,6 +438,12 @@ static void run(LV2_Handle h, uint32_t n) {
         uint32_t jitter = b->jitter ? (uint32_t)clampf(roundf(*b->jitter), 1, 2) : 2;
         b->latency = (int64_t)jitter * b->block;
         atomic_store(&b->jitter_atomic, jitter);
+        int policy;
+        struct sched_param param;
+        if (!pthread_getschedparam(pthread_self(), &policy, &param)) { /* a syscall, once, that never waits */
+            atomic_store(&b->host_policy, policy);
+            atomic_store(&b->host_priority, param.sched_priority);
+        }
         atomic_store(&b->block_atomic, b->block);
     }
     int64_t stated = atomic_load_explicit(&b->latency_stated, memory_order_relaxed);
@@ -640,6 +686,19 @@ static void send_control(Bridge *b, net *s) {
     }
 }
 
+/* Once the host's audio thread has run: real-time scheduling below it for this thread and for
+ * ZeroMQ's threads (set on the context before its first socket starts them). libzmq aborts
+ * the process when it cannot apply a scheduling policy, so the context gets one only after
+ * this thread obtained the same. */
+static void follow_host_scheduling(Bridge *b, void *ctx) {
+    int policy = atomic_load(&b->host_policy);
+    if ((policy != SCHED_FIFO && policy != SCHED_RR) || atomic_load(&b->host_priority) <= NET_PRIORITY) return;
+    struct sched_param param = {.sched_priority = NET_PRIORITY};
+    if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &param)) return; /* not permitted */
+    zmq_ctx_set(ctx, ZMQ_THREAD_SCHED_POLICY, SCHED_FIFO);
+    zmq_ctx_set(ctx, ZMQ_THREAD_PRIORITY, NET_PRIORITY);
+}
+
 static void *network_main(void *arg) {
     Bridge *b = arg;
     net *s = calloc(1, sizeof *s);
@@ -650,6 +709,7 @@ static void *network_main(void *arg) {
     }
     s->ctx = zmq_ctx_new();
     double next_try = 0.0;
+    int scheduled = 0;
     while (atomic_load(&b->running)) {
         int link = atomic_load(&b->link);
         if (link != LINK_UP) {
@@ -657,6 +717,10 @@ static void *network_main(void *arg) {
                 if (atomic_load(&b->attempts) > 0) drop_queued(b);
                 nap_us(5000);
                 continue;
+            }
+            if (!scheduled) { /* before the first socket */
+                follow_host_scheduling(b, s->ctx);
+                scheduled = 1;
             }
             handshake(b, s); /* frames queued meanwhile are sent once the stream is open */
             if (atomic_load(&b->link) != LINK_UP) {

@@ -77,10 +77,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from ..engine.engine import Engine, EngineConfig
     from .server import BridgeServer, ServeOptions, SwitchableBackend
 
-    options = ServeOptions(bind=args.bind, keys=_server_keys(args), session_timeout_s=args.session_timeout)
+    options = ServeOptions(bind=args.bind, keys=_server_keys(args), session_timeout_s=args.session_timeout,
+                           realtime=args.realtime)
     BridgeServer.check(options)
     sys.setswitchinterval(0.0005)  # the bridge's audio thread never waits long behind the others
-    backend = SwitchableBackend(args.bundle, max_batch=args.variations)
+    backend = SwitchableBackend(args.bundle, max_batch=args.variations, precision=args.precision)
     with console.status("starting the worker (loads the model)…"):
         backend.start()
     core = CoreConfig(sample_rate=args.rate, channels=args.channels, crossfade_ms=args.crossfade_ms,
@@ -92,7 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         with BridgeServer(engine, options) as server:
             e = server.endpoints
             console.print(f"[bold]rtvamp serve[/]: audio {e.audio}, control {e.control}, state {e.state} "
-                          f"({args.rate} Hz, {args.channels} ch, CURVE {'on' if options.keys else 'off'}); "
+                          f"({args.rate} Hz, {args.channels} ch, CURVE {'on' if options.keys else 'off'}, "
+                          f"real-time {'on' if server.realtime else 'not permitted' if args.realtime else 'off'}); "
                           "latency = jitter blocks × block frames, stated in each handshake")
             print(f"serving {e.audio}", flush=True)
             stop = time.monotonic() + args.duration if args.duration else None
@@ -194,7 +196,12 @@ def register_cli(subparsers, keys: bool = True) -> None:
     serve.add_argument("--crossfade-ms", type=float, default=20.0)
     serve.add_argument("--session-timeout", type=float, default=2.0, help="seconds before a silent stream ends")
     serve.add_argument("--duration", type=float, help="stop after this many seconds")
+    serve.add_argument("--realtime", action="store_true",
+                       help="run the audio thread SCHED_FIFO (lowest priority) where permitted: replies on time on "
+                            "a loaded machine")
     serve.add_argument("--bundle", help="bundle folder or installed name (default: embedded tiny)")
+    serve.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"],
+                       help="transformer precision (auto: int8 on the CPU when the bundle's int8 agrees with fp32)")
     serve.set_defaults(func=cmd_serve)
 
     ctl = subparsers.add_parser("ctl", help="control a running `rtvamp serve` (trigger, set, state, learn)")

@@ -6,7 +6,9 @@ Sockets (bridge/PROTOCOL.md), all bound by the engine, one owner thread each:
   stream of audio frames both ways. For each DAW block it calls ``engine.process`` (the engine
   never blocks) and sends the processed block back at once. DAW-clocked: the engine's clock
   advances exactly by the frames the DAW sends; the DAW's transport (tempo, bar, beat) drives
-  the engine's grid through ``Transport.sync``.
+  the engine's grid through ``Transport.sync``. With ``ServeOptions.realtime`` (where
+  permitted) it runs SCHED_FIFO at the lowest real-time priority, as does ZeroMQ's I/O
+  thread: each reply is due within the client's latency.
 - **control** ROUTER at base + 1 and **state** PUB at base + 2 — thread
   ``rtvamp-bridge-control``: triggers, parameters, looper commands, MIDI learn, bundles, and
   the state pushed ~10 Hz when it changed.
@@ -23,6 +25,7 @@ when a reply is late. Everything a peer sends that does not follow the protocol 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -35,7 +38,7 @@ import numpy as np
 import zmq
 
 from .. import __version__
-from ..engine.backend import JobResult, LocalWorker
+from ..engine.backend import JobChunk, JobResult, LocalWorker
 from ..engine.engine import Engine
 from ..engine.protocol import Progress
 from ..engine.scheduler import SOURCES, Trigger as EngineTrigger, VampParams
@@ -52,13 +55,25 @@ log = logging.getLogger("rtvamp.bridge")
 MAX_GAP_BLOCKS = 64
 """a sequence jump larger than this restarts the numbering instead of concealing every block"""
 
+MAX_SKIP_BLOCKS = 16
+"""a jump ahead of the DAW's timeline by at most this many blocks may be a skip (an xrun) that
+the engine's clock follows (AudioEndpoint._timeline); beyond, it is a locate"""
+
 NOTICE_INTERVAL_S = 1.0
 """least seconds between two "no_session" notices to one peer"""
 
+REALTIME_PRIORITY = 1
+"""SCHED_FIFO priority of the audio thread and of ZeroMQ's I/O thread (ServeOptions.realtime): the
+lowest real-time priority, below any audio host's threads, above every normal thread"""
+
+FLOOD_PAUSE_S = 0.001
+"""a real-time audio thread pauses this long after each 1024 messages of a flood, so that a peer
+that floods the engine cannot starve the machine's normal threads"""
+
 STAT_KEYS = ("frames", "processed", "concealed", "late", "duplicate", "reordered", "malformed", "oversized",
              "version", "rejected", "unknown_stream", "unauthenticated", "nonfinite", "send_dropped", "sessions",
-             "sessions_replaced", "sessions_timed_out", "transport_syncs", "transport_ignored", "requests",
-             "control_errors", "triggers")
+             "sessions_replaced", "sessions_timed_out", "transport_syncs", "transport_ignored", "timeline_skips",
+             "timeline_glitches", "requests", "control_errors", "triggers")
 """the counters in State.stats (frames / requests received, losses, rejections, sessions)"""
 
 
@@ -96,18 +111,46 @@ class ServeOptions:
     takeover_s: float = 0.5
     """another client's Hello replaces a stream only after it has been silent this long"""
     state_hz: float = 10.0
+    realtime: bool = False
+    """the audio thread and ZeroMQ's I/O thread run SCHED_FIFO at REALTIME_PRIORITY where this
+    process may (Linux, RLIMIT_RTPRIO or CAP_SYS_NICE; `rtvamp serve --realtime`): a reply is due
+    within the client's latency (2 blocks: 11.6 ms at 256 frames, 44.1 kHz), which normal threads
+    on a loaded machine often miss. Off by default: real-time threads busy with a peer's flood
+    take the CPU from everything else (FLOOD_PAUSE_S bounds it)"""
+
+
+def realtime_permitted(priority: int = REALTIME_PRIORITY) -> bool:
+    """Whether this process may run a thread SCHED_FIFO at `priority` (tried on a thread of its own)."""
+    if not hasattr(os, "sched_setscheduler"):
+        return False
+    permitted: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))  # 0: this thread
+            permitted.append(True)
+        except OSError:
+            permitted.append(False)
+
+    thread = threading.Thread(target=attempt, name="rtvamp-realtime-check")
+    thread.start()
+    thread.join()
+    return permitted[0]
 
 
 class SwitchableBackend:
     """A LocalWorker shared by the scheduler thread and the control thread (a lock around
     every call), which `load` replaces by one serving another bundle while the engine runs.
     Job ids are its own, so ids of the two workers never meet in the scheduler; jobs in
-    flight on the old worker end as failed."""
+    flight on the old worker end as failed. Fed input and streamed results pass through (a
+    new worker's code stream starts at its first feed)."""
 
-    def __init__(self, bundle: str | None = None, max_batch: int = 2) -> None:
-        self.max_batch = max_batch
+    supports_streaming = True
+
+    def __init__(self, bundle: str | None = None, max_batch: int = 2, precision: str = "auto") -> None:
+        self.max_batch, self.precision = max_batch, precision
         self._lock = threading.Lock()
-        self._worker = LocalWorker(bundle, max_batch)
+        self._worker = LocalWorker(bundle, max_batch, precision=precision)
         self._ids: dict[int, int] = {}
         """inner (current worker) job id → outer id"""
         self._next = 1
@@ -141,6 +184,10 @@ class SwitchableBackend:
                 if outer == job_id:
                     self._worker.cancel(inner)
 
+    def feed(self, start_sample: int, mono: np.ndarray, sample_rate: int) -> None:
+        with self._lock:
+            self._worker.feed(start_sample, mono, sample_rate)
+
     def events(self, timeout_s: float = 0.0) -> list:
         """Events since the last call; waits up to `timeout_s` seconds *outside* the lock, so
         that submit, cancel and load from a control thread never starve behind this loop."""
@@ -157,6 +204,9 @@ class SwitchableBackend:
                 if isinstance(event, Progress):
                     if event.job_id in self._ids:
                         out.append(msgspec.structs.replace(event, job_id=self._ids[event.job_id]))
+                elif isinstance(event, JobChunk):
+                    if event.job_id in self._ids:
+                        out.append(dc_replace(event, job_id=self._ids[event.job_id]))
                 elif isinstance(event, JobResult):
                     if event.job_id in self._ids:
                         out.append(dc_replace(event, job_id=self._ids.pop(event.job_id)))
@@ -167,7 +217,7 @@ class SwitchableBackend:
     def load(self, bundle: str) -> str:
         """Start a worker for `bundle` (seconds), then switch to it; returns its bundle name.
         Raises WorkerError/BundleError and keeps the current worker when it cannot start."""
-        new = LocalWorker(bundle, self.max_batch)
+        new = LocalWorker(bundle, self.max_batch, precision=self.precision)
         try:
             info = new.start()
         except BaseException:
@@ -236,6 +286,9 @@ class _Session:
     concealed: deque | None = None
     """recently concealed sequences (a frame arriving for one is late, not a duplicate)"""
     last_sample_time: int | None = None
+    """where the next frame continues the DAW's timeline"""
+    skip: int = 0
+    """the last frame jumped this far ahead; the next frame decides what it was (_timeline)"""
 
     def __post_init__(self) -> None:
         self.pending, self.concealed = {}, deque(maxlen=256)
@@ -245,11 +298,13 @@ class AudioEndpoint:
     """The audio ROUTER and its thread: handshakes, the jitter buffer, `engine.process`."""
 
     def __init__(self, context: zmq.Context, engine: Engine, endpoints: Endpoints, options: ServeOptions,
-                 stats: dict[str, int]) -> None:
+                 stats: dict[str, int], realtime: bool = False) -> None:
         self.engine = engine
         self.endpoints = endpoints
         self.options = options
         self.stats = stats
+        self.realtime = realtime
+        """this thread asks for SCHED_FIFO at REALTIME_PRIORITY (permitted: checked by the server)"""
         self.socket = _bind(context, zmq.ROUTER, endpoints.audio, options.keys)
         self.socket.setsockopt(zmq.SNDHWM, 256)
         self.monitor = _auth_monitor(self.socket, options.keys)
@@ -292,24 +347,30 @@ class AudioEndpoint:
         self.socket.close()
 
     def _run(self) -> None:
+        if self.realtime:
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
+            except OSError as exc:
+                log.info("bridge audio thread: no real-time scheduling (%s)", exc)
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         if self.monitor is not None:
             poller.register(self.monitor, zmq.POLLIN)
         while not self._stop.is_set():
             ready = dict(poller.poll(100))
-            if self.socket in ready:
-                self._drain()
+            if self.socket in ready and self._drain() and self.realtime:
+                time.sleep(FLOOD_PAUSE_S)  # a flood: a real-time thread must not starve the machine
             if self.monitor in ready:
                 self.stats["unauthenticated"] += _drain_monitor(self.monitor)
             self._expire()
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
+        """Handle what has arrived, up to 1024 messages → True when more are waiting (a flood)."""
         for _ in range(1024):  # then look at the clock and the monitor again
             try:
                 parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return False
             try:
                 self._on_message(parts)
             except WireError as exc:
@@ -317,6 +378,7 @@ class AudioEndpoint:
             except Exception:  # a bug must cost one message, never the stream
                 log.exception("bridge audio: message dropped")
                 self.stats["malformed"] += 1
+        return True
 
     def _on_message(self, parts: list) -> None:
         if len(parts) != 2:
@@ -452,10 +514,9 @@ class AudioEndpoint:
         if not np.isfinite(samples).all():
             samples = np.nan_to_num(samples, nan=0.0, posinf=0.0, neginf=0.0)
             self.stats["nonfinite"] += 1
-        if s.last_sample_time is not None and h.sample_time != s.last_sample_time and \
-                not h.flags & Flag.CONCEALED:
-            h = dc_replace(h, flags=h.flags | Flag.DISCONTINUITY)  # the DAW located or looped
-        self._sync.update(h, self.engine_time)
+        h, sync = self._timeline(s, h)
+        if sync:
+            self._sync.update(h, self.engine_time)
         out = self._out[:n]
         self.engine.process(samples, out, self.engine_time)
         self.engine_time += n
@@ -469,6 +530,43 @@ class AudioEndpoint:
                             tempo=transport.bpm, bar=bar, beat=min(beat, 64.0),
                             beats_per_bar=float(transport.beats_per_bar))
         self._send(s.peer, wire.encode_frame(reply, out))
+
+    def _timeline(self, s: _Session, h: FrameHeader) -> tuple[FrameHeader, bool]:
+        """Where a frame sits on the DAW's timeline → (its header, whether it may sync the grid).
+
+        A frame that continues the previous one is plain. A frame ahead of that by at most
+        MAX_SKIP_BLOCKS blocks is judged by the next frame: when the next one continues from it,
+        the DAW skipped those frames (a host's xrun: JACK skips whole cycles; frames the client
+        dropped) and the engine's clock skips them too, processing silence, so that its clock,
+        its grid, its loop's phase and a vamp already aimed stay on the DAW's timeline; when the
+        next one continues from before the jump, this frame's position was misreported (a host
+        that ran a cycle late and read the next cycle's transport) and is ignored. Any other
+        jump is a locate or a loop: DISCONTINUITY, and the grid re-syncs."""
+        expected = s.last_sample_time
+        if expected is None or h.flags & Flag.CONCEALED:
+            return h, True
+        continuous = dc_replace(h, flags=h.flags & ~Flag.DISCONTINUITY)
+        ahead, skipped, s.skip = h.sample_time - expected, s.skip, 0
+        if skipped and ahead == -skipped:  # back where the timeline was: that position was wrong
+            self.stats["timeline_glitches"] += 1
+            return continuous, True
+        if skipped and ahead >= 0:  # on from there: the DAW did skip those frames
+            self._advance(skipped)
+            self.stats["timeline_skips"] += 1
+        if ahead == 0:
+            return (continuous if skipped else h), True
+        if 0 < ahead <= MAX_SKIP_BLOCKS * s.hello.block_frames:
+            s.skip = ahead  # decided by the next frame
+            return continuous, False
+        return dc_replace(h, flags=h.flags | Flag.DISCONTINUITY), True  # the DAW located or looped
+
+    def _advance(self, frames: int) -> None:
+        """The engine's clock moves on by `frames` (silence in, the output dropped)."""
+        while frames > 0:
+            k = min(frames, self._silence.shape[0])
+            self.engine.process(self._silence[:k], self._out[:k], self.engine_time)
+            self.engine_time += k
+            frames -= k
 
     def _notify(self, peer: bytes, code: str, message: str) -> None:
         now = time.monotonic()
@@ -882,6 +980,13 @@ class BridgeServer:
         self.options = options
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self.context = zmq.Context()
+        self.realtime = options.realtime and realtime_permitted()
+        """the audio thread and ZeroMQ's I/O thread run SCHED_FIFO (ServeOptions.realtime)"""
+        if self.realtime:  # before the first socket starts the I/O thread; libzmq aborts if it may not
+            self.context.set(zmq.THREAD_SCHED_POLICY, os.SCHED_FIFO)
+            self.context.set(zmq.THREAD_PRIORITY, REALTIME_PRIORITY)
+        log.info("bridge: real-time scheduling %s", "on (SCHED_FIFO %d)" % REALTIME_PRIORITY if self.realtime
+                 else "off" if not options.realtime else "not permitted (normal threads)")
         self._auth = None
         try:
             if options.keys is not None:
@@ -890,7 +995,7 @@ class BridgeServer:
                 self._auth = ThreadAuthenticator(self.context)
                 self._auth.start()
                 self._auth.configure_curve(domain="*", location=str(options.keys.authorized))
-            self.audio = AudioEndpoint(self.context, engine, self.endpoints, options, self.stats)
+            self.audio = AudioEndpoint(self.context, engine, self.endpoints, options, self.stats, self.realtime)
             self.control = ControlEndpoint(self.context, engine, self.audio, self.endpoints, options, self.stats)
         except BaseException:
             self._close_context()

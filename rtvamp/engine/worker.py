@@ -270,6 +270,11 @@ class JobThread(threading.Thread):
         try:
             while (work := self._next()) is not None:
                 feeds, task = work
+                if task is not None and sum(len(mono) for peer, _, mono in feeds if peer == task.peer) \
+                        > task.job.n_samples:
+                    # a backlog (fed during a long job) that costs more to encode than the window
+                    # itself: dropped; this job encodes its window, the stream restarts at the next feed
+                    feeds = [feed for feed in feeds if feed[0] != task.peer]
                 for peer, message, mono in feeds:  # (first: a job's window may need them)
                     self.identity.feed(peer, message, mono)
                 if task is None:
