@@ -70,6 +70,8 @@ class CodeStream:
         self._codes = np.zeros((n_codebooks, self.capacity_frames), np.int64)
         self.encode_seconds = 0.0
         """wall seconds spent encoding so far"""
+        self.fed_seconds = 0.0
+        """seconds of audio fed so far"""
         self.reset(0)
 
     def reset(self, origin: int) -> None:
@@ -80,7 +82,6 @@ class CodeStream:
         self.final = 0
         """frames [.., final) are encoded for good"""
         self._current_gain_db: float | None = None
-        self.fed_seconds = 0.0
 
     # -- feeding --------------------------------------------------------------------------------
 
