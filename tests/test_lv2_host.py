@@ -704,7 +704,6 @@ def test_the_engine_follows_a_host_that_skips_cycles(worker):
     engine.core.post("gains", 0.0, 1.0)
     bar = 2 * SR
     x = np.repeat(groove(bars=12, bpm=120, seed=2)[:, None], 2, axis=1).astype(np.float32)
-    out: dict[int, np.ndarray] = {}  # the DAW's sample time of each block → the engine's reply
     skip_at = {3: 1, 8: 2, 30: 1}       # blocks after the trigger → cycles the DAW skips there
     glitch_at = 12                       # …and where it reports a block's position a cycle late
     try:
@@ -723,13 +722,14 @@ def test_the_engine_follows_a_host_that_skips_cycles(worker):
                 if after == glitch_at:
                     play(t, t + PERIOD)
                     t += PERIOD
-                out[t] = play(t, t)
+                play(t, t)
                 t += PERIOD
                 if triggered is None and t >= 2 * bar:
                     job_id, triggered = ctl.trigger(source="input", bars=1, steps="fast", variations=1), stream.sequence
                     job = engine.scheduler.jobs[job_id]
-                if job is not None and job.status == "running" and job.swap_at is None:
-                    time.sleep(0.01)  # a DAW plays in real time: give the worker some
+                if job is not None and job.status == "running":
+                    time.sleep(0.01)  # a DAW plays in real time (the streamed result's pieces
+                    # come while the first ones already play): give the worker its time
         stats = dict(server.stats)
     finally:
         server.close()
@@ -739,14 +739,12 @@ def test_the_engine_follows_a_host_that_skips_cycles(worker):
     report(f"a host skipping cycles: {stats['timeline_skips']} skips followed, {stats['timeline_glitches']} misread "
            f"position ignored, grid syncs {stats['transport_syncs']}; swap at engine sample {job.swap_at} = DAW "
            f"frame {swap} (bar {swap / bar:g})")
-    # the vamp lands on the DAW's bar line, to the sample: the replies are silence before it and
-    # the loop from it
+    # the vamp lands on the DAW's bar line, to the sample: the engine's output is silence before
+    # it and the loop from it (read from the engine's own output: a reply the client received
+    # late on a loaded machine would be concealed, which test (b) covers, not this one)
     assert swap % bar == 0
-    lo, hi = swap - 8 * PERIOD, swap + FADE  # DAW frames around the bar line
-    starts = range(lo - lo % PERIOD, hi, PERIOD)
-    assert all(t in out for t in starts)
-    replies = np.concatenate([out[t] for t in starts])
-    assert not replies[:swap - starts[0]].any() and replies[swap - starts[0]:hi - starts[0]].any()
+    around = engine.core.output_ring.read(job.swap_at - 8 * PERIOD, job.swap_at + FADE)
+    assert not around[:8 * PERIOD].any() and around[8 * PERIOD:].any()
     # the engine's clock skipped with the DAW (the engine sample is the DAW frame: both began at 0),
     # the misread position was ignored, and the grid never had to move
     assert job.swap_at == swap
