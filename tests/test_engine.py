@@ -60,9 +60,9 @@ def test_vamp_lands_exactly_on_the_bar_and_is_deterministic(worker):
     job = sched.jobs[1]
     assert job.status == "ok" and job.window == (BAR, 3 * BAR)
     assert job.swap_at == job.target == 4 * BAR
-    # the default path: codes from the worker's continuously encoded input, decode streamed
-    assert job.seconds["stream_codes"] == 1.0 and job.takes is not None and "first_sample" in job.seconds
-    assert sched.backend.info.encode_seconds_per_second > 0
+    # streamed decode; an offline render encodes the window on the trigger path (a render must
+    # not depend on how far the worker's continuous encoder got: deterministic, bit for bit)
+    assert job.takes is not None and "first_sample" in job.seconds and job.seconds["stream_codes"] == 0.0
     assert ("swapped", 4 * BAR, {}) in sched.events_log
     take = sched.history.current
     assert take.source == "vamp" and take.n_samples == 2 * BAR

@@ -165,7 +165,8 @@ class Scheduler:
         """(kind, sample, info) for the session log: trigger, swap, record, …"""
         self.realtime = True
         """False when the clock waits for jobs (offline renders): streamed results are then
-        committed to their target, whatever the decoder's speed"""
+        committed to their target, whatever the decoder's speed, and nothing is fed (windows
+        are encoded on the trigger path, so a render never depends on the worker's pace)"""
         self.streaming = bool(getattr(backend, "supports_streaming", False))
         """the backend takes fed input and streams results"""
         self._fed_until: int | None = None
@@ -211,7 +212,7 @@ class Scheduler:
     def _feed(self, force: bool = False) -> None:
         """Send the input heard since the last feed to the worker's continuous encoder (at
         least FEED_INTERVAL_S of it unless `force`)."""
-        if not self.streaming:
+        if not self.streaming or not self.realtime:
             return
         now, ring = self.core.now, self.core.input_ring
         start = now if self._fed_until is None else max(self._fed_until, ring.oldest())
@@ -252,8 +253,8 @@ class Scheduler:
             streaming = {}
             if self.streaming:
                 streaming["stream"] = True
-                if trigger.source == "input":
-                    self._feed(force=True)  # the worker's stream then holds the whole window
+                if trigger.source == "input" and self.realtime:  # (offline: upstream's encode, so
+                    self._feed(force=True)  # a render never depends on how far the worker got)
                     streaming["window_start"] = window[0]
             with self._backend_lock:
                 backend_id = self.backend.submit(
